@@ -1,0 +1,102 @@
+"""Sessions: thin wrappers over the CLI and the test runner, each in a venv built from hash-locked files."""
+
+from __future__ import annotations
+
+import difflib
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+
+PYTHON = "3.11"
+ROOT = Path(__file__).parent
+LOCKS = ROOT / "lockfiles"
+# Locks are resolved as of this instant, so `nox -s lock` regenerates byte-identical files until the
+# date is moved on purpose (and the new locks are reviewed and committed).
+LOCK_DATE = "2026-11-01T00:00:00Z"
+PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_17"]
+# name -> what `uv pip compile` reads
+LOCK_SOURCES: dict[str, list[str]] = {
+    "runtime.txt": ["pyproject.toml"],
+    "dev.txt": ["pyproject.toml", "--extra", "dev"],
+    "lint.txt": ["--group", "pyproject.toml:lint"],
+    "tools.txt": ["--group", "pyproject.toml:tools"],
+}
+
+
+def install_locked(session: nox.Session, lock: str = "dev.txt") -> None:
+    """The pinned stack from a lock, every file hash-checked, then this package without dependencies."""
+    session.install("--require-hashes", "-r", str(LOCKS / lock))
+    session.install("--no-deps", "-e", str(ROOT))
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite inside the pinned stack (`nox -s tests -- -k name` passes pytest options)."""
+    install_locked(session)
+    session.run("pytest", "-n", "2", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session: nox.Session) -> None:
+    """The slow tests (multi-GB files); run before resolving anything that touches them."""
+    install_locked(session)
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests and this file."""
+    session.install("--require-hashes", "-r", str(LOCKS / "lint.txt"))
+    session.run("ruff", "check", "src", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "--diff", "src", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def fixtures(session: nox.Session) -> None:
+    """Write the tiny model family: `nox -s fixtures -- OUT` (default ./out/fixtures)."""
+    install_locked(session, "runtime.txt")
+    session.run("repro-merge", "fixtures", *(session.posargs or ["out/fixtures"]))
+
+
+def _compile(session: nox.Session, name: str, out: Path) -> None:
+    session.run(
+        "uv",
+        "pip",
+        "compile",
+        "--quiet",
+        "--generate-hashes",
+        "--custom-compile-command",
+        "nox -s lock",
+        *PLATFORM,
+        "--exclude-newer",
+        LOCK_DATE,
+        "--output-file",
+        str(out),
+        *LOCK_SOURCES[name],
+        external=True,
+    )
+
+
+@nox.session(venv_backend="none")
+def lock(session: nox.Session) -> None:
+    """Regenerate lockfiles/ from pyproject.toml; `nox -s lock -- --check` fails if they would change."""
+    check = "--check" in session.posargs
+    with tempfile.TemporaryDirectory() as tmp:
+        stale = []
+        for name in LOCK_SOURCES:
+            target = LOCKS / name
+            out = Path(tmp, name) if check else target
+            _compile(session, name, out)
+            if check and out.read_text() != target.read_text():
+                stale.append(name)
+                diff = difflib.unified_diff(
+                    target.read_text().splitlines(), out.read_text().splitlines(), str(target), "regenerated"
+                )
+                print("\n".join(diff))
+        if stale:
+            session.error(f"lock files out of date: {', '.join(stale)}; run `nox -s lock` and commit")

@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny model family is generated once per test session."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from repro_merge.fixtures import write_fixtures
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below root."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny family (read-only for tests: copy before changing anything)."""
+    out = tmp_path_factory.mktemp("fixtures") / "family"
+    write_fixtures(out)
+    return out
