@@ -52,8 +52,8 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests and this file."""
     session.install("--require-hashes", "-r", str(LOCKS / "lint.txt"))
-    session.run("ruff", "check", "src", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "--diff", "src", "tests", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "--diff", "src", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
@@ -61,6 +61,17 @@ def fixtures(session: nox.Session) -> None:
     """Write the tiny model family: `nox -s fixtures -- OUT` (default ./out/fixtures)."""
     install_locked(session, "runtime.txt")
     session.run("repro-merge", "fixtures", *(session.posargs or ["out/fixtures"]))
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks with peak RSS and throughput: `nox -s bench -- ptzip [--dir /dev/shm/x] [--repeat 3]`."""
+    install_locked(session)
+    names = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    which, *rest = session.posargs or [""]
+    if which not in names:
+        session.error(f"name a benchmark: nox -s bench -- {{{','.join(names)}}} [options]")
+    session.run("python", str(ROOT / "benchmarks" / f"bench_{which}.py"), *rest)
 
 
 def _compile(session: nox.Session, name: str, out: Path) -> None:

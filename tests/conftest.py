@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from repro_merge.fixtures import write_fixtures
 
 GOLDEN = Path(__file__).parent / "golden"
+
+# Property tests: a quick default, and `HYPOTHESIS_PROFILE=thorough` for a long run before a release.
+_slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("default", max_examples=50, deadline=None, suppress_health_check=_slow_ok)
+settings.register_profile("thorough", max_examples=3000, deadline=None, suppress_health_check=_slow_ok)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def sha256_file(path: Path) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from repro_merge import ptzip
 from repro_merge.errors import OutputExistsError
 from repro_merge.sizes import TINY_SIZES, VARIANT_ADAPTERS, ModelSize
 
@@ -267,10 +268,7 @@ def lora_dir_name(size: ModelSize, variant: str) -> str:
 
 
 def _save(path: Path, tensors: dict[str, np.ndarray] | Iterator[tuple[str, np.ndarray]]) -> None:
-    import torch
-
-    items = tensors.items() if isinstance(tensors, dict) else tensors
-    torch.save({k: torch.from_numpy(v) for k, v in items}, path)
+    ptzip.save_arrays(path, tensors.items() if isinstance(tensors, dict) else tensors)
 
 
 def write_fixtures(out: Path) -> list[Path]:
