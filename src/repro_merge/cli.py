@@ -19,6 +19,19 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from repro_merge.convert import convert
+
+    files = convert(Path(args.input_dir), args.model_size, Path(args.output_dir), args.max_shard_size)
+    print(f"wrote {len(files)} files to {args.output_dir}")
+    return 0
+
+
+def _flag(p: argparse.ArgumentParser, name: str, **kw: object) -> None:
+    """``--input_dir`` as the upstream scripts spell it, and ``--input-dir`` too."""
+    p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kw)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repro-merge",
@@ -30,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fixtures", help="write the deterministic tiny model family into a new folder")
     p.add_argument("out", metavar="OUT", help="folder to create (must not exist or be empty)")
     p.set_defaults(func=_cmd_fixtures)
+
+    p = sub.add_parser(
+        "convert",
+        help="original LLaMA -> Hugging Face format (step 1), as transformers 4.28.1's converter writes it",
+    )
+    _flag(p, "input_dir", required=True, metavar="DIR", help="original LLaMA root: tokenizer.model, SIZE/")
+    _flag(
+        p, "model_size", required=True, choices=["7B", "13B", "30B", "33B", "65B"], help="33B lives in 30B/"
+    )
+    _flag(p, "output_dir", required=True, metavar="DIR", help="new or empty folder for the HF model")
+    _flag(
+        p, "max_shard_size", default="10GB", metavar="SIZE", help="shard split, as save_pretrained's (10GB)"
+    )
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

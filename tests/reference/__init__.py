@@ -1,0 +1,1 @@
+"""Harnesses that run the real reference programs (never copies of them) on the tiny fixtures."""

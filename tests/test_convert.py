@@ -1,0 +1,188 @@
+"""Step 1 against the real converter: transformers 4.28.1's convert_llama_weights_to_hf.py, run here on the
+tiny fixtures through tests/reference/convert.py (which passes it only the vocab size and shard size)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tree_hashes
+from reference import convert as reference
+
+from repro_merge import ptzip
+from repro_merge.convert import convert
+from repro_merge.errors import BadInputError, OutputExistsError
+
+# layout -> max_shard_size giving one shard, 2-3 shards, and 10 or more (asserted below)
+SHARD_SIZES = {
+    "7B": {"10GB": (1, 1), "200KB": (2, 3), "30KB": (10, 99)},
+    "13B": {"10GB": (1, 1), "200KB": (2, 3), "60KB": (10, 99)},
+    "30B": {"10GB": (1, 1), "400KB": (2, 3), "60KB": (10, 99)},
+    "65B": {"10GB": (1, 1), "500KB": (2, 3), "1KB": (10, 99)},  # 1KB: every tensor alone, empty first shard
+}
+CASES = [(size, mss) for size, sizes in SHARD_SIZES.items() for mss in sizes]
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """The reference converter's outputs for every case, produced once (in this process)."""
+    root = tmp_path_factory.mktemp("reference")
+    out = {}
+    for size, mss in CASES:
+        out[size, mss] = root / f"{size}-{mss}"
+        reference.run(tiny / "llama", size, out[size, mss], mss)
+    return out
+
+
+@pytest.mark.parametrize(("size", "mss"), CASES)
+def test_every_file_equals_the_reference(
+    tiny: Path, tmp_path: Path, reference_outputs: dict, size: str, mss: str
+) -> None:
+    ours = tmp_path / "hf"
+    convert(tiny / "llama", size, ours, mss)
+    want = tree_hashes(reference_outputs[size, mss])
+    assert tree_hashes(ours) == want
+    shards = [n for n in want if n.startswith("pytorch_model")]
+    shards = [n for n in shards if n.endswith(".bin")]
+    low, high = SHARD_SIZES[size][mss]
+    assert low <= len(shards) <= high, f"{mss} was meant to give {low}-{high} shards, gave {len(shards)}"
+
+
+def test_33b_is_the_30b_folder(tiny: Path, tmp_path: Path, reference_outputs: dict) -> None:
+    convert(tiny / "llama", "33B", tmp_path / "hf", "400KB")
+    assert tree_hashes(tmp_path / "hf") == tree_hashes(reference_outputs["30B", "400KB"])
+
+
+def test_inv_freq_is_fp16_rounded_fp32(reference_outputs: dict) -> None:
+    """What the reference really writes (the model is loaded in fp16, the buffer saved as fp32)."""
+    import numpy as np
+
+    with ptzip.Checkpoint(reference_outputs["7B", "10GB"] / "pytorch_model.bin") as ck:
+        meta = ck.tensors["model.layers.0.self_attn.rotary_emb.inv_freq"]
+        values = ck.tensor("model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert meta.dtype.name == "float32"
+    assert np.array_equal(values.astype(np.float16).astype(np.float32), values)
+
+
+def test_cli_with_dashed_flags(tiny: Path, tmp_path: Path, reference_outputs: dict) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "repro_merge.cli",
+            "convert",
+            "--input-dir",
+            str(tiny / "llama"),
+            "--model-size",
+            "13B",
+            "--output-dir",
+            str(tmp_path / "hf"),
+            "--max-shard-size",
+            "200KB",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert tree_hashes(tmp_path / "hf") == tree_hashes(reference_outputs["13B", "200KB"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def llama(tiny: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny original-LLaMA root, to break."""
+    return Path(shutil.copytree(tiny / "llama", tmp_path / "llama"))
+
+
+def _fails(llama: Path, tmp_path: Path, size: str, match: str, exc: type = BadInputError) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(exc, match=match) as e:
+        convert(llama, size, out)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert not out.exists() or not any(out.iterdir()), "nothing may be written on bad input"
+    return msg
+
+
+def test_missing_shard(llama: Path, tmp_path: Path) -> None:
+    (llama / "13B" / "consolidated.01.pth").unlink()
+    msg = _fails(llama, tmp_path, "13B", "missing")
+    assert "consolidated.01.pth" in msg
+
+
+def test_wrong_shard_count(llama: Path, tmp_path: Path) -> None:
+    shutil.copy(llama / "13B" / "consolidated.01.pth", llama / "13B" / "consolidated.02.pth")
+    _fails(llama, tmp_path, "13B", r"13B has 2 shard\(s\).*found 3")
+
+
+def test_shards_that_disagree(llama: Path, tmp_path: Path) -> None:
+    # the 30B layout's shard 01 replaced by a 13B-layout shard: other dims
+    shutil.copy(llama / "13B" / "consolidated.01.pth", llama / "30B" / "consolidated.01.pth")
+    msg = _fails(llama, tmp_path, "30B", "has shape")
+    assert "30B/consolidated.01.pth" in msg
+
+
+def test_params_that_do_not_fit(llama: Path, tmp_path: Path) -> None:
+    p = llama / "7B" / "params.json"
+    params = json.loads(p.read_text())
+    p.write_text(json.dumps({**params, "n_layers": params["n_layers"] + 1}))
+    _fails(llama, tmp_path, "7B", "has no layers.2.attention.wq.weight")
+    p.write_text(json.dumps({**params, "dim": 72}))
+    _fails(llama, tmp_path, "7B", "has shape")
+    p.write_text("{not json")
+    _fails(llama, tmp_path, "7B", "params.json: not readable JSON")
+
+
+def test_missing_tokenizer_and_folder(llama: Path, tmp_path: Path) -> None:
+    _fails(llama, tmp_path, "9B", "--model_size")
+    shutil.rmtree(llama / "65B")
+    _fails(llama, tmp_path, "65B", "no 65B folder")
+    (llama / "tokenizer.model").unlink()
+    _fails(llama, tmp_path, "7B", "tokenizer.model: missing")
+
+
+def test_corrupt_shard_is_named(llama: Path, tmp_path: Path) -> None:
+    shard = llama / "7B" / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    msg = _fails(llama, tmp_path, "7B", "consolidated.00.pth")
+    assert str(shard) in msg
+
+
+def test_output_folder_not_empty(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        convert(tiny / "llama", "7B", out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_crash_leaves_no_final_name(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing a shard leaves complete shards only, and a resume completes the rest."""
+    import repro_merge.convert as conv
+
+    real_save, calls = ptzip.save, []
+
+    def failing_save(path, entries, fill, archive=None):  # type: ignore[no-untyped-def]
+        calls.append(archive)
+        if len(calls) == 2:
+            fill(entries[0][1].storage)
+            raise KeyboardInterrupt("simulated crash")
+        real_save(path, entries, fill, archive)
+
+    monkeypatch.setattr(conv.ptzip, "save", failing_save)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny / "llama", "13B", out, "200KB")
+    assert sorted(p.name for p in out.iterdir()) == ["pytorch_model-00001-of-00003.bin"]
+    monkeypatch.setattr(conv.ptzip, "save", real_save)
+    convert(tiny / "llama", "13B", out, "200KB", resume=True)
+    ref = tmp_path / "ref"
+    convert(tiny / "llama", "13B", ref, "200KB")
+    assert tree_hashes(out) == tree_hashes(ref)
