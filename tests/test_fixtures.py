@@ -10,7 +10,8 @@ import torch
 from conftest import GOLDEN, tree_hashes
 from transformers import LlamaTokenizer
 
-from repro_merge.fixtures import ADAPTERS, lora_dir_name, meta_split_dim, meta_tensors, write_fixtures
+from repro_merge.fixtures import ADAPTERS, lora_dir_name, meta_tensors, write_fixtures
+from repro_merge.layout import meta_split_axis
 from repro_merge.sizes import TINY_SIZES
 
 
@@ -56,7 +57,7 @@ def test_meta_layout(tiny: Path, folder: str) -> None:
     ]
     vocab = len(LlamaTokenizer(str(tiny / "llama" / "tokenizer.model")))
     for key, full in meta_tensors(size, vocab):
-        dim = meta_split_dim(key)
+        dim = meta_split_axis(key)
         parts = [s[key] for s in shards]
         if dim is None:
             assert all(torch.equal(p, torch.from_numpy(full)) for p in parts)

@@ -27,9 +27,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from repro_merge.merge import merge
+
+    loras = [s.strip() for s in args.lora_model.split(",") if s.strip()]
+    files = merge(
+        args.base_model, loras, args.output_type, Path(args.output_dir), args.num_shards, args.order
+    )
+    print(f"wrote {len(files)} files to {args.output_dir}")
+    return 0
+
+
 def _flag(p: argparse.ArgumentParser, name: str, **kw: object) -> None:
     """``--input_dir`` as the upstream scripts spell it, and ``--input-dir`` too."""
-    p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kw)  # type: ignore[arg-type]
+    spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+    p.add_argument(*spellings, dest=name, **kw)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +69,38 @@ def build_parser() -> argparse.ArgumentParser:
         p, "max_shard_size", default="10GB", metavar="SIZE", help="shard split, as save_pretrained's (10GB)"
     )
     p.set_defaults(func=_cmd_convert)
+
+    from repro_merge.arith import DEFAULT_ORDER, ORDERS
+
+    p = sub.add_parser(
+        "merge",
+        help="merge one LoRA or two (in order) into the HF base (step 2), as the upstream script does",
+    )
+    _flag(p, "base_model", required=True, metavar="DIR", help="HF base (converted LLaMA), or a cached hub id")
+    _flag(
+        p,
+        "lora_model",
+        required=True,
+        metavar="A[,B]",
+        help="adapter folder(s) or cached hub id(s), in order",
+    )
+    _flag(p, "output_type", default="pth", choices=["pth", "huggingface"], help="default: pth")
+    _flag(
+        p, "output_dir", default="./merged_model", metavar="DIR", help="new or empty folder (./merged_model)"
+    )
+    _flag(
+        p, "num_shards", type=int, metavar="N", help="pth files for a width that is no LLaMA size (default 1)"
+    )
+    _flag(
+        p,
+        "order",
+        default=DEFAULT_ORDER,
+        choices=ORDERS,
+        help="fp32 summation order of the LoRA product: seq (the script's bytes on a generic-path MKL, on "
+        "any CPU), fma (MKL's AVX2 kernels' order), host (this machine's BLAS, for diagnosis)",
+    )
+    p.add_argument("--verbose", action="store_true", help="accepted for compatibility with the script")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from repro_merge import ptzip
+from repro_merge.arith import cast
 from repro_merge.errors import BadInputError
+from repro_merge.layout import meta_split_axis
 from repro_merge.outputs import prepare_output_dir, publish_from, staged_file, write_bytes
 from repro_merge.sizes import CONVERTER_SHARDS, folder_for, hf_intermediate_size
 
@@ -48,7 +50,7 @@ class MetaCheckpoint:
     def part(self, i: int, key: str) -> np.ndarray:
         """Shard ``i``'s slice of ``key`` as float16 (the converter's model is loaded in fp16)."""
         meta = self.shards[i].tensors[key]
-        return to_float16(self.shards[i].tensor(key), meta.dtype)
+        return cast(self.shards[i].tensor(key), meta.dtype.name, "float16")
 
     def cat(self, key: str, axis: int) -> np.ndarray:
         parts = [self.part(i, key) for i in range(len(self.shards))]
@@ -59,29 +61,11 @@ class MetaCheckpoint:
             s.close()
 
 
-def to_float16(a: np.ndarray, dtype: ptzip.DType) -> np.ndarray:
-    """``tensor.to(torch.float16)``: round-to-nearest-even from fp32; bf16 widens to fp32 first."""
-    if dtype.name == "float16":
-        return a
-    if dtype.name == "bfloat16":
-        a = (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float16)
-
-
 # ------------------------------------------------------------------------------------------ validation
 
 
 def _bad(path: Path, what: str) -> BadInputError:
     return BadInputError(f"{path}: {what}")
-
-
-def _meta_split(key: str) -> int | None:
-    """Axis Meta splits ``key`` on across model-parallel shards (None: replicated)."""
-    if key.endswith("norm.weight") or key == "rope.freqs":
-        return None
-    if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-        return 1
-    return 0
 
 
 def _expected_keys(n_layers: int) -> list[str]:
@@ -183,7 +167,7 @@ def _check_shapes(
                 raise _bad(shard.path, f"has no {key} (params.json says {layers} layers)")
             if meta.dtype.name not in ("float16", "float32", "bfloat16"):
                 raise _bad(shard.path, f"{key} is {meta.dtype.name}, expected a floating-point weight")
-            axis = _meta_split(key)
+            axis = meta_split_axis(key)
             want = list(full[key])
             if axis is not None:
                 if want[axis] % n:

@@ -20,6 +20,7 @@ import numpy as np
 
 from repro_merge import ptzip
 from repro_merge.errors import OutputExistsError
+from repro_merge.layout import meta_split_axis
 from repro_merge.sizes import TINY_SIZES, VARIANT_ADAPTERS, ModelSize
 
 # Vocabulary sizes mirror the real ones (32000 / 49953 / 49954): Chinese LLaMA extends the base
@@ -195,19 +196,10 @@ def meta_tensors(size: ModelSize, vocab: int) -> Iterator[tuple[str, np.ndarray]
     yield "rope.freqs", (1.0 / (10000.0 ** (np.arange(half, dtype=np.float64) / half))).astype(np.float32)
 
 
-# Meta's model-parallel layout: which dimension each weight is split on (None: replicated).
-def meta_split_dim(key: str) -> int | None:
-    if key.endswith(("norm.weight", "rope.freqs")):
-        return None
-    if key.startswith("tok_embeddings") or key.endswith(("wo.weight", "w2.weight")):
-        return 1
-    return 0
-
-
 def _meta_shards(size: ModelSize, vocab: int) -> list[dict[str, np.ndarray]]:
     shards: list[dict[str, np.ndarray]] = [{} for _ in range(size.num_shards)]
     for key, full in meta_tensors(size, vocab):
-        dim = meta_split_dim(key)
+        dim = meta_split_axis(key)
         parts = [full] * size.num_shards if dim is None else np.split(full, size.num_shards, axis=dim)
         for shard, part in zip(shards, parts, strict=True):
             shard[key] = np.ascontiguousarray(part)

@@ -690,46 +690,88 @@ class TensorSpec:
 Fill = Callable[[object], np.ndarray | bytes | memoryview]
 
 
+class StreamWriter:
+    """torch.save's exact bytes, with storage data pushed one storage at a time.
+
+    ``entries`` (the dict's content, in order) is pickled into data.pkl first; then each storage's
+    elements must be given to :meth:`write` in :attr:`order`, torch's record order (storage keys sorted
+    as strings: 0, 1, 10, 11, ..., 2). Several writers with the same entry names share that order, which
+    lets one computed tensor feed the same position of several files. ``archive`` is the file name
+    torch would have been given (default: ``path``'s own), so a file written under a temporary name gets
+    its final name's bytes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Sequence[tuple[str, TensorSpec]],
+        archive: str | None = None,
+    ) -> None:
+        keys: dict[object, str] = {}
+        metas: list[tuple[str, TensorMeta]] = []
+        by_spec: dict[int, TensorMeta] = {}
+        for name, spec in entries:
+            if id(spec) in by_spec:  # the same tensor object under a second name
+                metas.append((name, by_spec[id(spec)]))
+                continue
+            key = keys.setdefault(spec.storage, str(len(keys)))
+            stride = spec.stride if spec.stride is not None else contiguous_stride(spec.shape)
+            meta = TensorMeta(
+                spec.dtype, tuple(spec.shape), tuple(stride), spec.offset, key, spec.storage_numel
+            )
+            by_spec[id(spec)] = meta
+            metas.append((name, meta))
+        self._size = {m.storage: m.storage_numel * m.dtype.itemsize for _, m in metas}
+        token = {k: t for t, k in keys.items()}
+        self.order: list[object] = [token[k] for k in sorted(keys.values())]
+        self._next = 0
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._zip = _ZipWriter(self._f, archive_name(str(archive if archive is not None else path)))
+        pkl = pickle_state_dict(metas)
+        self._zip.record("data.pkl", [pkl], len(pkl))
+        self._keys = sorted(keys.values())
+
+    def write(self, token: object, data: np.ndarray | bytes | memoryview) -> None:
+        """The elements (C order) of the next storage in :attr:`order`, which must be ``token``."""
+        if self._next >= len(self.order) or self.order[self._next] != token:
+            raise ValueError(f"storage {token!r} written out of order")
+        key = self._keys[self._next]
+        buf = _byte_view(data)
+        if len(buf) != self._size[key]:
+            raise ValueError(f"storage {key}: expected {self._size[key]} bytes, got {len(buf)}")
+        self._zip.record(f"data/{key}", _chunks(buf), len(buf))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file (version record, central directory); every storage must have been written."""
+        try:
+            if self._next != len(self.order):
+                raise ValueError(f"{len(self.order) - self._next} storages were never written")
+            self._zip.record("version", [b"3\n"], 2)
+            self._zip.finish()
+        finally:
+            self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
 def save(
     path: str | os.PathLike[str],
     entries: Sequence[tuple[str, TensorSpec]],
     fill: Fill,
     archive: str | None = None,
 ) -> None:
-    """Write a state dict to ``path`` with torch.save's exact bytes, pulling storage data on demand.
-
-    ``entries`` is the dict's content in order; ``fill(token)`` returns one storage's elements (C-order
-    bytes, storage_numel of them) and is called once per storage, in torch's record order (storage keys
-    sorted as strings: 0, 1, 10, 11, ..., 2). ``archive`` is the file name torch would have been given
-    (default: ``path``'s own), so a file written under a temporary name gets its final name's bytes.
-    """
-    keys: dict[object, str] = {}
-    metas: list[tuple[str, TensorMeta]] = []
-    by_spec: dict[int, TensorMeta] = {}
-    for name, spec in entries:
-        if id(spec) in by_spec:  # the same tensor object under a second name
-            metas.append((name, by_spec[id(spec)]))
-            continue
-        key = keys.setdefault(spec.storage, str(len(keys)))
-        stride = spec.stride if spec.stride is not None else contiguous_stride(spec.shape)
-        meta = TensorMeta(spec.dtype, tuple(spec.shape), tuple(stride), spec.offset, key, spec.storage_numel)
-        by_spec[id(spec)] = meta
-        metas.append((name, meta))
-    numel = {m.storage: (m.storage_numel, m.dtype) for _, m in metas}
-    token = {k: t for t, k in keys.items()}
-    folder = archive_name(str(archive if archive is not None else path))
-    with open(path, "wb") as f:
-        z = _ZipWriter(f, folder)
-        pkl = pickle_state_dict(metas)
-        z.record("data.pkl", [pkl], len(pkl))
-        for key in sorted(keys.values()):
-            n, dtype = numel[key]
-            buf = _byte_view(fill(token[key]))
-            if len(buf) != n * dtype.itemsize:
-                raise ValueError(f"storage {key}: expected {n * dtype.itemsize} bytes, got {len(buf)}")
-            z.record(f"data/{key}", _chunks(buf), len(buf))
-        z.record("version", [b"3\n"], 2)
-        z.finish()
+    """Write a state dict with torch.save's exact bytes; ``fill(token)`` is called once per storage, in
+    record order, and returns its elements. See :class:`StreamWriter`."""
+    w = StreamWriter(path, entries, archive)
+    try:
+        for token in w.order:
+            w.write(token, fill(token))
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
 
 
 def _byte_view(data: np.ndarray | bytes | memoryview) -> memoryview:

@@ -1,0 +1,153 @@
+"""The LoRA merge arithmetic, with the order of the fp32 sum as an explicit, named choice.
+
+The upstream script computes ``w16 += (B.float() @ A.float()) * (alpha / r)``: an fp32 matrix product,
+scaled, added to the fp16 weight in fp32 and rounded to fp16. Which bytes come out depends on how the
+BLAS sums the r products: this machine kind's MKL (generic path) sums k = 0..r-1 in order with each
+product rounded to fp32 (``seq``); MKL's AVX2 kernels, which an Intel host gets, mostly use fused
+multiply-adds (``fma``). Both orders are computed here exactly, the same way on any CPU; ``host`` is a
+plain matmul through torch, i.e. whatever the local BLAS does, for diagnosis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ORDERS = ("seq", "fma", "host")
+DEFAULT_ORDER = "seq"
+_ROWS = 32  # rows per block: a block of the fp32 product (32 x 4096 x 4 B = 512 KiB) stays in L2 cache
+
+
+def threads() -> int:
+    """Worker threads for the blocked loops (results do not depend on it)."""
+    return max(1, int(os.environ.get("REPRO_MERGE_THREADS", os.cpu_count() or 1)))
+
+
+def _seq_block(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """out = sum over k in order of fl(b[:, k] * a[k]), each product and each sum rounded to fp32."""
+    np.multiply(b[:, :1], a[:1], out=out)
+    tmp = np.empty_like(out)
+    for k in range(1, b.shape[1]):
+        np.multiply(b[:, k : k + 1], a[k : k + 1], out=tmp)
+        np.add(out, tmp, out=out)
+
+
+def _fma_block(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """out = fma(b[:, k], a[k], acc) for k in order, each with a single rounding to fp32.
+
+    fp32 products are exact in fp64; the fp64 sum with its rounding error (TwoSum) gives the sum rounded
+    to odd, which rounds to fp32 exactly as one correctly rounded fma would (53 >= 2 * 24 + 2 bits).
+    """
+    b64, a64 = b.astype(np.float64), a.astype(np.float64)
+    acc = (b64[:, :1] * a64[:1]).astype(np.float32)
+    for k in range(1, b.shape[1]):
+        p = b64[:, k : k + 1] * a64[k : k + 1]
+        c = acc.astype(np.float64)
+        s = p + c
+        bb = s - p
+        err = (p - (s - bb)) + (c - bb)
+        bits = s.view(np.int64)
+        fix = (err != 0) & ((bits & 1) == 0)
+        step = np.where((err > 0) == (s > 0), 1, -1)
+        bits += np.where(fix, step, 0)
+        acc = s.astype(np.float32)
+    out[...] = acc
+
+
+def _blocked(
+    kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+    b: np.ndarray,
+    a: np.ndarray,
+    finish: Callable[[slice, np.ndarray], None],
+) -> None:
+    """Run ``kernel`` on row blocks of the product in a thread pool; ``finish(rows, block)`` consumes each
+    block (numpy releases the GIL, and blocks are independent, so threads change no result)."""
+
+    def one(start: int) -> None:
+        rows = slice(start, min(start + _ROWS, b.shape[0]))
+        block = np.empty((rows.stop - rows.start, a.shape[1]), np.float32)
+        kernel(b[rows], a, block)
+        finish(rows, block)
+
+    starts = range(0, b.shape[0], _ROWS)
+    n = threads()
+    if n == 1:
+        for s in starts:
+            one(s)
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(one, starts))
+
+
+def to_float32(x: np.ndarray, dtype_name: str) -> np.ndarray:
+    """``tensor.float()``; bf16 arrives as its uint16 bits."""
+    if dtype_name == "bfloat16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32)
+
+
+def round_to(x32: np.ndarray, dtype_name: str) -> np.ndarray:
+    """fp32 -> the weight's dtype, round to nearest even (as a torch in-place add's write-back does)."""
+    if dtype_name == "bfloat16":
+        bits = x32.view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return x32.astype(dtype_name)
+
+
+def cast(x: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """``tensor.to(dst)`` between float types (through fp32, round to nearest even)."""
+    if src == dst:
+        return x
+    x32 = to_float32(x, src)
+    return x32 if dst == "float32" else round_to(x32, dst)
+
+
+def add_lora(
+    w: np.ndarray,
+    dtype_name: str,
+    b: np.ndarray,
+    a: np.ndarray,
+    scale: float,
+    fan_in_fan_out: bool,
+    order: str = DEFAULT_ORDER,
+) -> np.ndarray:
+    """``w += transpose(B.float() @ A.float()) * scale`` as torch does it in place: the sum in fp32 (scale
+    rounded to fp32, as torch's CPU kernels take a Python float), one rounding back to w's dtype.
+
+    ``b`` and ``a`` are already fp32. Returns a new array of w's dtype.
+    """
+    s32 = np.float32(scale)
+    out = np.empty(w.shape, w.dtype)
+    if order == "host" or fan_in_fan_out:
+        prod = _host(b, a) if order == "host" else _full(b, a, order)
+        delta = (prod.T if fan_in_fan_out else prod) * s32
+        delta += to_float32(w, dtype_name)
+        return round_to(delta, dtype_name)
+    kernel = _seq_block if order == "seq" else _fma_block
+
+    def finish(rows: slice, block: np.ndarray) -> None:
+        block *= s32
+        block += to_float32(w[rows], dtype_name)
+        out[rows] = round_to(block, dtype_name)
+
+    _blocked(kernel, b, a, finish)
+    return out
+
+
+def _full(b: np.ndarray, a: np.ndarray, order: str) -> np.ndarray:
+    prod = np.empty((b.shape[0], a.shape[1]), np.float32)
+
+    def keep(rows: slice, block: np.ndarray) -> None:
+        prod[rows] = block
+
+    _blocked(_seq_block if order == "seq" else _fma_block, b, a, keep)
+    return prod
+
+
+def _host(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    import torch
+
+    return (torch.from_numpy(np.ascontiguousarray(b)) @ torch.from_numpy(np.ascontiguousarray(a))).numpy()
