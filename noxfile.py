@@ -56,6 +56,36 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", "--diff", "src", "tests", "benchmarks", "noxfile.py")
 
 
+SIZES = ("tiny", "7B", "13B", "33B")
+MODELS = ("llama", "llama-plus", "alpaca", "alpaca-plus", "alpaca-pro")
+TARGETS = [f"{s}-{m}" for s in SIZES for m in MODELS]
+
+
+@nox.session(python=PYTHON)
+def merge(session: nox.Session) -> None:
+    """Build and gate one target: `nox -s merge -- 13B alpaca-plus [--lora DIR]` (default: the tiny one)."""
+    install_locked(session, "runtime.txt")
+    session.run("repro-merge", "build", *(session.posargs or ["tiny", "alpaca-plus"]))
+
+
+@nox.session(python=PYTHON, name="build")
+@nox.parametrize("target", TARGETS, ids=TARGETS)
+def build_target(session: nox.Session, target: str) -> None:
+    """One session per size x model (`nox -l`); inputs from $REPRO_MERGE_LLAMA / $REPRO_MERGE_LORA."""
+    install_locked(session, "runtime.txt")
+    size, model = target.split("-", 1)
+    session.run("repro-merge", "build", size, model, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def verify(session: nox.Session) -> None:
+    """Gate an existing folder: `nox -s verify -- --model 13B-alpaca-plus out/13B-alpaca-plus`."""
+    install_locked(session, "runtime.txt")
+    session.run(
+        "repro-merge", "verify", *(session.posargs or ["--model", "tiny-alpaca-plus", "out/tiny-alpaca-plus"])
+    )
+
+
 @nox.session(python=PYTHON)
 def fixtures(session: nox.Session) -> None:
     """Write the tiny model family: `nox -s fixtures -- OUT` (default ./out/fixtures)."""

@@ -7,22 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN, tree_hashes
+from conftest import tree_hashes
 from transformers import LlamaTokenizer
 
+from repro_merge import checksums
 from repro_merge.fixtures import ADAPTERS, lora_dir_name, meta_tensors, write_fixtures
 from repro_merge.layout import meta_split_axis
 from repro_merge.sizes import TINY_SIZES
 
 
-def _golden() -> dict[str, str]:
-    lines = (GOLDEN / "fixtures.sha256").read_text().splitlines()
-    return {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
-
-
 def test_hashes_pinned(tiny: Path) -> None:
-    # tests/golden/fixtures.sha256 was written by `repro-merge fixtures F && cd F && sha256sum ...`
-    assert tree_hashes(tiny) == _golden()
+    """SHA256.md's fixture rows, first written from a run of `repro-merge fixtures` (sha256sum per file)."""
+    assert tree_hashes(tiny) == checksums.load().expected("fixtures", "tiny")
 
 
 def test_identical_across_runs(tiny: Path, tmp_path: Path) -> None:

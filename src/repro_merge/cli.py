@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from repro_merge import __version__
+from repro_merge.arith import DEFAULT_ORDER, ORDERS
 from repro_merge.errors import ReproMergeError
 
 
@@ -38,10 +39,117 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(obj: object) -> None:
+    import json
+
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from repro_merge.build import build
+
+    opt = {
+        k: Path(v)
+        for k, v in (
+            ("llama", args.llama),
+            ("lora", args.lora),
+            ("hf_base", args.hf_base),
+            ("output_dir", args.output_dir),
+            ("work", args.work),
+        )
+        if v
+    }
+    r = build(
+        args.size,
+        args.model,
+        output_type=args.output_type,
+        order=args.order,
+        diagnose_orders=args.diagnose_orders,
+        **opt,
+    )  # type: ignore[arg-type]
+    if args.json:
+        _print_json(
+            {
+                "target": r.target,
+                "verdict": r.verdict,
+                "exit_code": r.exit_code,
+                "output_dir": str(r.output_dir),
+                "outputs": [asdict(c) for c in r.outputs],
+                "findings": [asdict(f) for f in r.findings],
+            }
+        )
+    else:
+        print(r.summary())
+    return r.exit_code
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from repro_merge.build import verify_folder
+
+    paths = {
+        k: Path(v) if v else None
+        for k, v in (("llama", args.llama), ("lora", args.lora), ("hf_base", args.hf_base))
+    }
+    r = verify_folder(args.model, Path(args.dir), args.output_type, **paths)
+    if args.json:
+        _print_json(
+            {
+                "target": r.target,
+                "verdict": r.verdict,
+                "exit_code": r.exit_code,
+                "outputs": [asdict(c) for c in r.outputs],
+                "findings": [asdict(f) for f in r.findings],
+            }
+        )
+    else:
+        print(r.summary())
+    return r.exit_code
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from repro_merge import checksums
+    from repro_merge.build import describe_targets
+
+    rows = describe_targets(checksums.load())
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'target':22} {'pth':11} {'huggingface':12} needs")
+    for r in rows:
+        print(f"{r['name']:22} {r['pth']:11} {r['huggingface']:12} {r['needs']}")
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from repro_merge.verify import make_manifest, manifest_bytes
+
+    sys.stdout.write(manifest_bytes(make_manifest(Path(args.dir))).decode())
+    return 0
+
+
 def _flag(p: argparse.ArgumentParser, name: str, **kw: object) -> None:
     """``--input_dir`` as the upstream scripts spell it, and ``--input-dir`` too."""
     spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
     p.add_argument(*spellings, dest=name, **kw)  # type: ignore[arg-type]
+
+
+def _inputs(p: argparse.ArgumentParser, note: str = "") -> None:
+    g = p.add_argument_group("inputs", note or None)
+    g.add_argument("--llama", metavar="DIR", help="original LLaMA root (default $REPRO_MERGE_LLAMA)")
+    g.add_argument(
+        "--lora", metavar="DIR", help="folder of released adapter folders (default $REPRO_MERGE_LORA)"
+    )
+    g.add_argument(
+        "--hf-base",
+        "--hf_base",
+        dest="hf_base",
+        metavar="DIR",
+        help="an HF base to use instead of converting (default $REPRO_MERGE_HF_BASE)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
         p, "max_shard_size", default="10GB", metavar="SIZE", help="shard split, as save_pretrained's (10GB)"
     )
     p.set_defaults(func=_cmd_convert)
-
-    from repro_merge.arith import DEFAULT_ORDER, ORDERS
 
     p = sub.add_parser(
         "merge",
@@ -101,10 +207,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", action="store_true", help="accepted for compatibility with the script")
     p.set_defaults(func=_cmd_merge)
+
+    from repro_merge.sizes import BUILD_SIZES, VARIANT_ADAPTERS
+
+    p = sub.add_parser(
+        "build", help="verify inputs, convert, merge, verify outputs: one target, gated by SHA256.md"
+    )
+    p.add_argument("size", metavar="SIZE", choices=list(BUILD_SIZES), help=", ".join(BUILD_SIZES))
+    p.add_argument("model", metavar="MODEL", choices=list(VARIANT_ADAPTERS), help=", ".join(VARIANT_ADAPTERS))
+    _inputs(p)
+    p.add_argument(
+        "--output-dir",
+        "--output_dir",
+        dest="output_dir",
+        metavar="DIR",
+        help="default $REPRO_MERGE_OUT/SIZE-MODEL, else ./out/SIZE-MODEL",
+    )
+    p.add_argument(
+        "--output-type", "--output_type", dest="output_type", default="pth", choices=["pth", "huggingface"]
+    )
+    p.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS, help="LoRA product order (default seq)")
+    p.add_argument(
+        "--work", metavar="DIR", help="HF base and fixtures (default $REPRO_MERGE_WORK, else OUT/../.work)"
+    )
+    p.add_argument(
+        "--diagnose-orders",
+        action="store_true",
+        default=None,
+        help="on a mismatch, rebuild with every arithmetic order (default: tiny targets only)",
+    )
+    p.add_argument("--json", action="store_true", help="the verdict and findings as JSON")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser(
+        "verify", help="check an existing output folder against SHA256.md, and say why it differs"
+    )
+    p.add_argument(
+        "--model", required=True, metavar="NAME", help="a target as `repro-merge targets` prints it"
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument(
+        "--output-type",
+        "--output_type",
+        dest="output_type",
+        choices=["pth", "huggingface"],
+        help="default: what the folder holds",
+    )
+    _inputs(p, "with the inputs, a mismatch is also rebuilt with every arithmetic order")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("targets", help="what can be built, what each target needs, which hashes are TBA")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_targets)
+
+    p = sub.add_parser("manifest", help="every file's and tensor's hash in a folder, and the weights digest")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=_cmd_manifest)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    # accelerate 0.18 (pinned, imported by transformers) warns that pkg_resources is deprecated: not ours
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -21,7 +21,7 @@ import numpy as np
 from repro_merge import ptzip
 from repro_merge.arith import cast
 from repro_merge.errors import BadInputError
-from repro_merge.layout import meta_split_axis
+from repro_merge.layout import meta_split_axis, permute
 from repro_merge.outputs import prepare_output_dir, publish_from, staged_file, write_bytes
 from repro_merge.sizes import CONVERTER_SHARDS, folder_for, hf_intermediate_size
 
@@ -196,14 +196,6 @@ def inv_freq(head_dim: int) -> np.ndarray:
     return exact.astype(np.float16).astype(np.float32)
 
 
-def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The converter's q/k permutation for HF's rotary layout (interleaved pairs -> two halves)."""
-    dim = w.shape[1]
-    return np.ascontiguousarray(
-        w.reshape(n_heads, dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3)
-    ).reshape(dim, dim)
-
-
 @dataclass(frozen=True)
 class HFTensor:
     name: str
@@ -223,7 +215,7 @@ def hf_tensors(m: MetaCheckpoint) -> list[HFTensor]:
 
     def qk(key: str) -> Callable[[], np.ndarray]:
         # shards hold whole heads: concatenating on rows keeps each head's rows together
-        return lambda: _permute(m.cat(key, 0), h)
+        return lambda: permute(m.cat(key, 0), h)
 
     out = [HFTensor("model.embed_tokens.weight", F16, (v, d), lambda: m.cat("tok_embeddings.weight", 1))]
     for i in range(m.n_layers):

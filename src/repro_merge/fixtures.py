@@ -280,6 +280,7 @@ def write_fixtures(out: Path) -> list[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_family(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the family from other users (e.g. in a container)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

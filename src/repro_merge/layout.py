@@ -6,6 +6,8 @@ generator, the converter and the merge.
 
 from __future__ import annotations
 
+import numpy as np
+
 # HF layer-module suffix -> Meta layer-module suffix
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -40,6 +42,21 @@ def hf_to_meta(name: str) -> str | None:
     raise KeyError(name)
 
 
+def meta_to_hf(name: str) -> str | None:
+    """HF's name for a Meta weight; None for Meta's rope.freqs; KeyError for anything else."""
+    if name == "rope.freqs":
+        return None
+    for hf, meta in _TOP_NAMES.items():
+        if name == meta:
+            return hf
+    parts = name.split(".")
+    module = ".".join(parts[2:-1])
+    for hf, meta in _LAYER_NAMES.items():
+        if parts[0] == "layers" and module == meta and parts[-1] == "weight":
+            return f"model.layers.{parts[1]}.{hf}.weight"
+    raise KeyError(name)
+
+
 def meta_split_axis(name: str) -> int | None:
     """The axis Meta splits a weight on across model-parallel shards (None: replicated in each)."""
     if name.endswith("norm.weight") or name == "rope.freqs":
@@ -52,3 +69,19 @@ def meta_split_axis(name: str) -> int | None:
 def is_rotated(meta_name: str) -> bool:
     """q and k are permuted between the layouts (Meta interleaves rotary pairs, HF splits halves)."""
     return meta_name.endswith(("attention.wq.weight", "attention.wk.weight"))
+
+
+def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta -> HF for q/k: each head's interleaved rotary pairs become two halves (the converter's)."""
+    dim = w.shape[1]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3)
+    ).reshape(dim, dim)
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF -> Meta for q/k (the merge script's inverse of :func:`permute`)."""
+    dim = w.shape[1]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, 2, dim // n_heads // 2, dim).transpose(0, 2, 1, 3)
+    ).reshape(dim, dim)

@@ -22,7 +22,7 @@ import numpy as np
 
 from repro_merge import arith, ptzip
 from repro_merge.errors import BadInputError
-from repro_merge.layout import hf_to_meta, is_rotated, meta_split_axis
+from repro_merge.layout import hf_to_meta, is_rotated, meta_split_axis, unpermute
 from repro_merge.outputs import prepare_output_dir, publish_from, staged_file, write_bytes
 from repro_merge.sizes import real_size_by_dim
 
@@ -320,13 +320,6 @@ def merged(base: Base, adapters: Sequence[Adapter], shard: int, key: str, order:
     return w
 
 
-def unpermute(w: np.ndarray, n_heads: int, dim: int) -> np.ndarray:
-    """HF's q/k rows back to Meta's interleaved rotary order."""
-    return np.ascontiguousarray(
-        w.reshape(n_heads, 2, dim // n_heads // 2, dim).transpose(0, 2, 1, 3)
-    ).reshape(dim, dim)
-
-
 def pth_pieces(meta_name: str, shape: tuple[int, ...], n: int) -> tuple[int | None, list[int]]:
     """How the pth shards split one weight: (axis, piece sizes along it); axis None: each shard holds it
     whole. output.weight's last piece takes the remainder when the vocabulary does not divide (13B:
@@ -348,7 +341,7 @@ def piece_shapes(meta_name: str, shape: tuple[int, ...], n: int) -> list[tuple[i
 def split_for_pth(meta_name: str, w: np.ndarray, target: Target) -> list[np.ndarray]:
     """The pth shards' pieces of one merged HF weight (q and k unpermuted first)."""
     if is_rotated(meta_name):
-        w = unpermute(w, target.n_heads, target.dim)
+        w = unpermute(w, target.n_heads)
     axis, sizes = pth_pieces(meta_name, w.shape, target.num_shards)
     if axis is None:
         return [w] * target.num_shards

@@ -100,3 +100,26 @@ VARIANT_ADAPTERS: dict[str, tuple[str, ...]] = {
     "alpaca-plus": ("llama-plus", "alpaca-plus"),
     "alpaca-pro": ("llama-plus", "alpaca-pro"),
 }
+
+
+@dataclass(frozen=True)
+class BuildSize:
+    """A size ``repro-merge build`` knows: where its inputs live and how its HF base is sharded."""
+
+    name: str  # 7B, 13B, 33B, tiny
+    folder: str  # the original LLaMA folder (and converter --model_size)
+    lora_suffix: str  # released adapter folders end in _<suffix>: chinese_llama_lora_7b
+    max_shard_size: str  # HF base shards: the converter's default for real models
+    num_shards: int | None  # merge --num_shards: None where the width is a real size
+
+
+BUILD_SIZES: dict[str, BuildSize] = {
+    s.name: s
+    for s in (
+        BuildSize("7B", "7B", "7b", "10GB", None),
+        BuildSize("13B", "13B", "13b", "10GB", None),
+        BuildSize("33B", "30B", "33b", "10GB", None),
+        # the 13B layout of the tiny family: 2 pth shards, an odd vocabulary split unevenly, 3 HF shards
+        BuildSize("tiny", "13B", "13b", "200KB", 2),
+    )
+}
