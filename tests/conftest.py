@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from repro_merge.checksums import sha256_file
 from repro_merge.fixtures import write_fixtures
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -18,14 +18,6 @@ _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("default", max_examples=50, deadline=None, suppress_health_check=_slow_ok)
 settings.register_profile("thorough", max_examples=3000, deadline=None, suppress_health_check=_slow_ok)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

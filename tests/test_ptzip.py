@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from repro_merge import ptzip
+from repro_merge.checksums import sha256_file
 
 TORCH_DTYPES = {
     "float16": torch.float16,
@@ -405,7 +406,7 @@ def test_over_4gib_file_equals_torch_save(tmp_path: Path) -> None:
     big[-1] = 7
     small = torch.arange(10, dtype=torch.float16)
     torch.save({"big": big, "small": small}, tmp_path / "t.pth")
-    digest_torch = _sha256(tmp_path / "t.pth")
+    digest_torch = sha256_file(tmp_path / "t.pth")
     big_numel = big.numel()
     del big
     (tmp_path / "t.pth").unlink()
@@ -422,17 +423,7 @@ def test_over_4gib_file_equals_torch_save(tmp_path: Path) -> None:
         ("small", ptzip.TensorSpec(ptzip.DTYPES["float16"], (10,), "small", 10)),
     ]
     ptzip.save(tmp_path / "t.pth", entries, fill)
-    assert _sha256(tmp_path / "t.pth") == digest_torch
+    assert sha256_file(tmp_path / "t.pth") == digest_torch
     with ptzip.Checkpoint(tmp_path / "t.pth") as ck:
         np.testing.assert_array_equal(ck.tensor("small"), small.numpy())
         assert ck.tensors["big"].shape == (big_numel,)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -6,10 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from repro_merge import __version__
 from repro_merge.arith import DEFAULT_ORDER, ORDERS
 from repro_merge.errors import ReproMergeError
+
+if TYPE_CHECKING:
+    from repro_merge.build import Result
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
@@ -46,21 +50,16 @@ def _print_json(obj: object) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from repro_merge.build import build
 
-    opt = {
-        k: Path(v)
-        for k, v in (
-            ("llama", args.llama),
-            ("lora", args.lora),
-            ("hf_base", args.hf_base),
-            ("output_dir", args.output_dir),
-            ("work", args.work),
-        )
-        if v
-    }
+    given = (
+        ("llama", args.llama),
+        ("lora", args.lora),
+        ("hf_base", args.hf_base),
+        ("output_dir", args.output_dir),
+        ("work", args.work),
+    )
+    opt = {k: Path(v) for k, v in given if v}
     r = build(
         args.size,
         args.model,
@@ -69,38 +68,30 @@ def _cmd_build(args: argparse.Namespace) -> int:
         diagnose_orders=args.diagnose_orders,
         **opt,
     )  # type: ignore[arg-type]
-    if args.json:
-        _print_json(
-            {
-                "target": r.target,
-                "verdict": r.verdict,
-                "exit_code": r.exit_code,
-                "output_dir": str(r.output_dir),
-                "outputs": [asdict(c) for c in r.outputs],
-                "findings": [asdict(f) for f in r.findings],
-            }
-        )
-    else:
-        print(r.summary())
-    return r.exit_code
+    return _report(r, args.json)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from repro_merge.build import verify_folder
 
     paths = {
         k: Path(v) if v else None
         for k, v in (("llama", args.llama), ("lora", args.lora), ("hf_base", args.hf_base))
     }
-    r = verify_folder(args.model, Path(args.dir), args.output_type, **paths)
-    if args.json:
+    return _report(verify_folder(args.model, Path(args.dir), args.output_type, **paths), args.json)
+
+
+def _report(r: Result, as_json: bool) -> int:
+    """A build's or a verification's verdict, as text or JSON; returns its exit code."""
+    from dataclasses import asdict
+
+    if as_json:
         _print_json(
             {
                 "target": r.target,
                 "verdict": r.verdict,
                 "exit_code": r.exit_code,
+                "output_dir": str(r.output_dir),
                 "outputs": [asdict(c) for c in r.outputs],
                 "findings": [asdict(f) for f in r.findings],
             }
