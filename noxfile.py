@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
+import sys
 import tempfile
 from pathlib import Path
 
 import nox
+
+ROOT = Path(__file__).parent
+# The container sessions (wheelhouse, image, image_check) live in docker/noxsessions.py; loading it by path
+# registers them here (a plain `import docker...` could pick up the PyPI package of that name).
+_spec = importlib.util.spec_from_file_location(
+    "repro_merge_docker_sessions", ROOT / "docker" / "noxsessions.py"
+)
+assert _spec and _spec.loader
+sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up there
+_spec.loader.exec_module(sys.modules[_spec.name])
 
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 PYTHON = "3.11"
-ROOT = Path(__file__).parent
 LOCKS = ROOT / "lockfiles"
 # Locks are resolved as of this instant, so `nox -s lock` regenerates byte-identical files until the
 # date is moved on purpose (and the new locks are reviewed and committed).
@@ -52,8 +64,8 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests and this file."""
     session.install("--require-hashes", "-r", str(LOCKS / "lint.txt"))
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "--diff", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "docker", "noxfile.py")
+    session.run("ruff", "format", "--check", "--diff", "src", "tests", "benchmarks", "docker", "noxfile.py")
 
 
 SIZES = ("tiny", "7B", "13B", "33B")
@@ -61,11 +73,30 @@ MODELS = ("llama", "llama-plus", "alpaca", "alpaca-plus", "alpaca-pro")
 TARGETS = [f"{s}-{m}" for s in SIZES for m in MODELS]
 
 
+def in_image(session: nox.Session, args: list[str]) -> None:
+    """`repro-merge build ARGS` in the repro-merge image (`nox -s image` builds it): the caller's uid owns
+    the outputs in ./out; $REPRO_MERGE_LLAMA and $REPRO_MERGE_LORA, when set, are mounted read-only."""
+    out = ROOT / "out"
+    out.mkdir(exist_ok=True)
+    mounts = ["-v", f"{out}:/out"]
+    for env, target in (("REPRO_MERGE_LLAMA", "/models/llama"), ("REPRO_MERGE_LORA", "/models/lora")):
+        if os.environ.get(env):
+            mounts += ["-v", f"{os.environ[env]}:{target}:ro"]
+    docker = os.environ.get("DOCKER", "/usr/bin/docker")
+    user = f"{os.getuid()}:{os.getgid()}"
+    session.run(docker, "run", "--rm", "--user", user, *mounts, "repro-merge", *args, external=True)
+
+
 @nox.session(python=PYTHON)
 def merge(session: nox.Session) -> None:
-    """Build and gate one target: `nox -s merge -- 13B alpaca-plus [--lora DIR]` (default: the tiny one)."""
+    """Build and gate one target: `nox -s merge -- 13B alpaca-plus [--lora DIR]` (default: the tiny one);
+    `-- --docker 13B alpaca-plus` runs it in the image instead of the pinned venv."""
+    args = [a for a in session.posargs if a != "--docker"] or ["tiny", "alpaca-plus"]
+    if "--docker" in session.posargs:
+        in_image(session, args)
+        return
     install_locked(session, "runtime.txt")
-    session.run("repro-merge", "build", *(session.posargs or ["tiny", "alpaca-plus"]))
+    session.run("repro-merge", "build", *args)
 
 
 @nox.session(python=PYTHON, name="build")
@@ -75,6 +106,29 @@ def build_target(session: nox.Session, target: str) -> None:
     install_locked(session, "runtime.txt")
     size, model = target.split("-", 1)
     session.run("repro-merge", "build", size, model, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def golden(session: nox.Session) -> None:
+    """CI's golden-hash regression: every tiny target, pth and huggingface, built and gated against the
+    committed hashes (SHA256.md), in the pinned venv, or in the image with `-- --docker`."""
+    docker = "--docker" in session.posargs
+    if not docker:
+        install_locked(session, "runtime.txt")
+    for model in MODELS:
+        for kind in ("pth", "huggingface"):
+            args = [
+                "tiny",
+                model,
+                "--output-type",
+                kind,
+                "--output-dir",
+                f"{'/out' if docker else 'out'}/golden-{'image' if docker else 'venv'}/tiny-{model}-{kind}",
+            ]
+            if docker:
+                in_image(session, args)
+            else:
+                session.run("repro-merge", "build", *args)
 
 
 @nox.session(python=PYTHON)

@@ -283,9 +283,10 @@ def build(
     out_root = Path(os.environ.get(ENV_OUT, "out"))
     output_dir = Path(output_dir) if output_dir else out_root / t.name
     work = Path(work or os.environ.get(ENV_WORK) or output_dir.parent / ".work")
-    llama = llama or _env_path(ENV_LLAMA)
-    lora = lora or _env_path(ENV_LORA)
-    hf_base = hf_base or _env_path(ENV_HF_BASE)
+    if not t.tiny:  # the tiny target's inputs are embedded: the mount points of the image do not apply
+        llama = llama or _env_path(ENV_LLAMA)
+        lora = lora or _env_path(ENV_LORA)
+        hf_base = hf_base or _env_path(ENV_HF_BASE)
     inputs = gather_inputs(t, table, llama, lora, hf_base, work)
 
     intermediate: list[FileCheck] = []
