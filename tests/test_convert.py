@@ -186,3 +186,78 @@ def test_crash_leaves_no_final_name(tiny: Path, tmp_path: Path, monkeypatch: pyt
     ref = tmp_path / "ref"
     convert(tiny / "llama", "13B", ref, "200KB")
     assert tree_hashes(out) == tree_hashes(ref)
+
+
+# ------------------------------------------------------------------------------------------ fast tokenizer
+
+
+def _spm_with_ties(path: Path, n: int) -> None:
+    """A BPE sentencepiece model whose pieces overlap a lot and whose scores tie and include zeros."""
+    import random
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    rnd = random.Random(7)
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    for piece, kind in (("<unk>", 2), ("<s>", 3), ("</s>", 3)):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = piece, 0.0, kind
+    seen = {"<unk>", "<s>", "</s>"}
+    letters = "▁abcde中文"
+    while len(m.pieces) < n:
+        piece = "".join(rnd.choice(letters) for _ in range(rnd.randint(1, 4)))
+        if piece in seen:
+            continue
+        seen.add(piece)
+        p = m.pieces.add()
+        p.piece, p.score, p.type = piece, float(rnd.choice([0, -1, -2, -2.5, -3])), 1
+    path.write_bytes(m.SerializeToString())
+
+
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_fast_extract_equals_transformers(tmp_path: Path, with_scores: bool) -> None:
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    from repro_merge.convert import fast_extract
+
+    _spm_with_ties(tmp_path / "t.model", 1500)
+    ex = SentencePieceExtractor(str(tmp_path / "t.model"))
+    scores = (
+        [(ex.sp.id_to_piece(i), ex.sp.get_score(i)) for i in range(ex.sp.GetPieceSize())]
+        if with_scores
+        else None
+    )
+    want = ex.extract(scores)
+    got = fast_extract(ex, scores)
+    assert got == want and len(want[1]) > 500
+
+
+def test_inv_freq_without_torch() -> None:
+    """numpy's pow differs from torch's in the last fp32 bit for many sizes, never after the fp16 rounding."""
+    import numpy as np
+    import torch
+
+    from repro_merge.convert import inv_freq
+
+    for head_dim in range(2, 1025, 2):
+        exact = (1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))).numpy()
+        assert np.array_equal(inv_freq(head_dim), exact.astype(np.float16).astype(np.float32)), head_dim
+
+
+@pytest.mark.parametrize(
+    "value", ["10GB", "200KB", "60KB", "1KB", "5GiB", "400MiB", "3KiB", "10Gb", "8mb", 1234]
+)
+def test_size_strings_as_transformers_reads_them(value: str | int) -> None:
+    from transformers.modeling_utils import convert_file_size_to_int
+
+    from repro_merge.convert import parse_size
+
+    assert parse_size(value) == convert_file_size_to_int(value)
+
+
+def test_bad_size_string() -> None:
+    from repro_merge.convert import parse_size
+
+    with pytest.raises(BadInputError, match="max_shard_size"):
+        parse_size("10 parsecs")

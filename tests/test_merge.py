@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import GOLDEN, tree_hashes
 
-from repro_merge import arith, ptzip
+from repro_merge import arith, floats, ptzip
 from repro_merge.convert import convert
 from repro_merge.errors import BadInputError, OutputExistsError
 from repro_merge.merge import merge
@@ -200,9 +200,9 @@ def test_seq_equals_this_machines_mkl_matmul(shape: tuple[int, int, int]) -> Non
 def test_bf16_rounding_matches_torch() -> None:
     x = np.random.default_rng(1).standard_normal(10000).astype(np.float32) * 1e3
     want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    assert np.array_equal(arith.round_to(x, "bfloat16"), want)
+    assert np.array_equal(floats.round_to(x, "bfloat16"), want)
     assert np.array_equal(
-        arith.to_float32(want, "bfloat16"),
+        floats.to_float32(want, "bfloat16"),
         torch.from_numpy(want.view(np.int16)).view(torch.bfloat16).float().numpy(),
     )
 

@@ -11,14 +11,19 @@ plain matmul through torch, i.e. whatever the local BLAS does, for diagnosis.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
+import torch
+
+from repro_merge.floats import round_to, to_float32
 
 ORDERS = ("seq", "fma", "host")
 DEFAULT_ORDER = "seq"
-_ROWS = 32  # rows per block: a block of the fp32 product (32 x 4096 x 4 B = 512 KiB) stays in L2 cache
+_ROWS = 64  # rows per block: a block of the fp32 product (64 x 4096 x 4 B = 1 MiB) stays in cache
 
 
 def threads() -> int:
@@ -26,13 +31,26 @@ def threads() -> int:
     return max(1, int(os.environ.get("REPRO_MERGE_THREADS", os.cpu_count() or 1)))
 
 
+@numba.njit(nogil=True, cache=True)
+def _seq_kernel(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """out = sum over k in order of fl(b[:, k] * a[k]), each product and each sum rounded to fp32.
+
+    Compiled without fast-math, so LLVM neither fuses a multiply with an add nor reorders the sum:
+    vectorising over j keeps each element's operations those of the scalar loop, on any CPU.
+    """
+    for i in range(b.shape[0]):
+        row = out[i]
+        bi = b[i, 0]
+        for j in range(a.shape[1]):
+            row[j] = bi * a[0, j]
+        for k in range(1, b.shape[1]):
+            bi = b[i, k]
+            for j in range(a.shape[1]):
+                row[j] = row[j] + bi * a[k, j]
+
+
 def _seq_block(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
-    """out = sum over k in order of fl(b[:, k] * a[k]), each product and each sum rounded to fp32."""
-    np.multiply(b[:, :1], a[:1], out=out)
-    tmp = np.empty_like(out)
-    for k in range(1, b.shape[1]):
-        np.multiply(b[:, k : k + 1], a[k : k + 1], out=tmp)
-        np.add(out, tmp, out=out)
+    _seq_kernel(np.ascontiguousarray(b), a, out)
 
 
 def _fma_block(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
@@ -78,31 +96,18 @@ def _blocked(
         for s in starts:
             one(s)
     else:
-        with ThreadPoolExecutor(n) as pool:
+        # each worker runs torch's elementwise kernels on its block alone: no nested OpenMP teams
+        with ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             list(pool.map(one, starts))
 
 
-def to_float32(x: np.ndarray, dtype_name: str) -> np.ndarray:
-    """``tensor.float()``; bf16 arrives as its uint16 bits."""
-    if dtype_name == "bfloat16":
-        return (x.astype(np.uint32) << 16).view(np.float32)
-    return x.astype(np.float32)
-
-
-def round_to(x32: np.ndarray, dtype_name: str) -> np.ndarray:
-    """fp32 -> the weight's dtype, round to nearest even (as a torch in-place add's write-back does)."""
-    if dtype_name == "bfloat16":
-        bits = x32.view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return x32.astype(dtype_name)
-
-
-def cast(x: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """``tensor.to(dst)`` between float types (through fp32, round to nearest even)."""
-    if src == dst:
-        return x
-    x32 = to_float32(x, src)
-    return x32 if dst == "float32" else round_to(x32, dst)
+def _torch_view(x: np.ndarray, dtype_name: str) -> torch.Tensor:
+    """A torch tensor over the same memory (bf16 arrives as uint16 bits; read-only arrays are fine:
+    nothing writes to them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about non-writable numpy arrays
+        t = torch.from_numpy(x)
+    return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
 
 
 def add_lora(
@@ -113,25 +118,31 @@ def add_lora(
     scale: float,
     fan_in_fan_out: bool,
     order: str = DEFAULT_ORDER,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``w += transpose(B.float() @ A.float()) * scale`` as torch does it in place: the sum in fp32 (scale
     rounded to fp32, as torch's CPU kernels take a Python float), one rounding back to w's dtype.
 
-    ``b`` and ``a`` are already fp32. Returns a new array of w's dtype.
+    ``b`` and ``a`` are already fp32. Returns the result, of w's dtype, in ``out`` if given (which may be
+    ``w`` itself: each block of rows is read before it is written) or in a new array. The conversions to
+    and from the weight's dtype go through torch's elementwise kernels (vectorised, round to nearest
+    even, the same on any CPU); only the product's summation order needs code of our own.
     """
     s32 = np.float32(scale)
-    out = np.empty(w.shape, w.dtype)
     if order == "host" or fan_in_fan_out:
         prod = _host(b, a) if order == "host" else _full(b, a, order)
         delta = (prod.T if fan_in_fan_out else prod) * s32
         delta += to_float32(w, dtype_name)
         return round_to(delta, dtype_name)
+    out = np.empty(w.shape, w.dtype) if out is None else out
+    tw, tout = _torch_view(w, dtype_name), _torch_view(out, dtype_name)
     kernel = _seq_block if order == "seq" else _fma_block
 
     def finish(rows: slice, block: np.ndarray) -> None:
-        block *= s32
-        block += to_float32(w[rows], dtype_name)
-        out[rows] = round_to(block, dtype_name)
+        tb = torch.from_numpy(block)
+        tb.mul_(float(s32))
+        tb.add_(tw[rows])
+        tout[rows].copy_(tb)
 
     _blocked(kernel, b, a, finish)
     return out
@@ -148,6 +159,4 @@ def _full(b: np.ndarray, a: np.ndarray, order: str) -> np.ndarray:
 
 
 def _host(b: np.ndarray, a: np.ndarray) -> np.ndarray:
-    import torch
-
     return (torch.from_numpy(np.ascontiguousarray(b)) @ torch.from_numpy(np.ascontiguousarray(a))).numpy()

@@ -22,6 +22,7 @@ import numpy as np
 
 from repro_merge import arith, ptzip
 from repro_merge.errors import BadInputError
+from repro_merge.floats import cast, to_float32
 from repro_merge.layout import hf_to_meta, is_rotated, meta_split_axis, unpermute
 from repro_merge.outputs import prepare_output_dir, publish_from, staged_file, write_bytes
 from repro_merge.sizes import real_size_by_dim
@@ -73,7 +74,7 @@ class Adapter:
         return self.ck.path
 
     def f32(self, key: str) -> np.ndarray:
-        return arith.to_float32(self.ck.tensor(key), self.ck.tensors[key].dtype.name)
+        return to_float32(self.ck.tensor(key), self.ck.tensors[key].dtype.name)
 
 
 def open_adapter(path: Path) -> Adapter:
@@ -302,8 +303,25 @@ def _final_dtype(base: Base, adapters: Sequence[Adapter], key: str, shard: int) 
 # ------------------------------------------------------------------------------------------ the arithmetic
 
 
-def merged(base: Base, adapters: Sequence[Adapter], shard: int, key: str, order: str) -> np.ndarray:
-    """One base tensor with every adapter applied in order, as the script's loop does it."""
+class Scratch:
+    """One array reused for every merged tensor: each is written out before the next is computed, so
+    fresh memory (whose first touch is what costs here, not the arithmetic) is paid for once."""
+
+    def __init__(self) -> None:
+        self.raw = np.empty(0, np.uint8)
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = math.prod(shape) * dtype.itemsize
+        if self.raw.size < n:
+            self.raw = np.empty(n, np.uint8)
+        return self.raw[:n].view(dtype).reshape(shape)
+
+
+def merged(
+    base: Base, adapters: Sequence[Adapter], shard: int, key: str, order: str, scratch: Scratch | None = None
+) -> np.ndarray:
+    """One base tensor with every adapter applied in order, as the script's loop does it. The result
+    may live in ``scratch``: use it before the next call."""
     # a replacing weight discards everything before it: start from the last one (and never read the base)
     last = max((n for n, ad in enumerate(adapters) if key in ad.full), default=None)
     if last is None:
@@ -312,11 +330,14 @@ def merged(base: Base, adapters: Sequence[Adapter], shard: int, key: str, order:
     else:  # state_dict[k] = lora[k].half()
         ad = adapters[last]
         ak = ad.full[key]
-        w, dtype = arith.cast(ad.ck.tensor(ak), ad.ck.tensors[ak].dtype.name, "float16"), "float16"
+        w, dtype = cast(ad.ck.tensor(ak), ad.ck.tensors[ak].dtype.name, "float16"), "float16"
+    owned = False  # w is an input (read-only, mapped) until the first LoRA writes a result of ours
     for ad in adapters[0 if last is None else last :]:
         if key in ad.lora:  # state_dict[k] += transpose(B.float() @ A.float()) * scaling
             ka, kb = ad.lora[key]
-            w = arith.add_lora(w, dtype, ad.f32(kb), ad.f32(ka), ad.scale, ad.fan_in_fan_out, order)
+            out = w if owned else (scratch.get(w.shape, w.dtype) if scratch else None)
+            w = arith.add_lora(w, dtype, ad.f32(kb), ad.f32(ka), ad.scale, ad.fan_in_fan_out, order, out)
+            owned = True
     return w
 
 
@@ -357,7 +378,7 @@ def _spec(dtype: ptzip.DType, shape: tuple[int, ...], token: object) -> ptzip.Te
 
 def write_huggingface(out: Path, base: Base, adapters: Sequence[Adapter], order: str) -> int:
     """Each base shard merged under its own name; returns the merged model's size in bytes."""
-    total = 0
+    total, scratch = 0, Scratch()
     for i, ck in enumerate(base.shards):
         entries = []
         for key in ck.tensors:
@@ -369,7 +390,10 @@ def write_huggingface(out: Path, base: Base, adapters: Sequence[Adapter], order:
             continue
         with staged_file(final) as tmp:
             ptzip.save(
-                tmp, entries, lambda key, i=i: merged(base, adapters, i, key, order), archive=final.name
+                tmp,
+                entries,
+                lambda key, i=i: merged(base, adapters, i, key, order, scratch),
+                archive=final.name,
             )
     return total
 
@@ -402,9 +426,10 @@ def write_pth(out: Path, base: Base, adapters: Sequence[Adapter], target: Target
             w = ptzip.StreamWriter(tmp, ent, archive=name)
             stack.callback(w.abort)
             writers.append(w)
+        scratch = Scratch()
         for pos in writers[0].order:
             j, key = plan[pos]  # type: ignore[index]
-            pieces = split_for_pth(hf_to_meta(key), merged(base, adapters, j, key, order), target)  # type: ignore[arg-type]
+            pieces = split_for_pth(hf_to_meta(key), merged(base, adapters, j, key, order, scratch), target)  # type: ignore[arg-type]
             for w, piece in zip(writers, pieces, strict=True):
                 w.write(pos, piece)
         for w in writers:
