@@ -159,8 +159,11 @@ def bench(session: nox.Session) -> None:
 
 
 def _compile(session: nox.Session, name: str, out: Path) -> None:
+    # uv comes with nox in the tools lock; its own finder works whether or not .tools/bin is on PATH.
+    from uv import find_uv_bin
+
     session.run(
-        "uv",
+        find_uv_bin(),
         "pip",
         "compile",
         "--quiet",

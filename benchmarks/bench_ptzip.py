@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import drop_caches, median_runs, python, table, write_json  # noqa: E402
+from common import drop_caches, fs_type, median_runs, python, table, write_json  # noqa: E402
 
 from repro_merge import ptzip  # noqa: E402
 
@@ -177,7 +177,7 @@ def main() -> None:
     }
     print(
         f"\n{nbytes / 1e9:.2f} GB state dict, {len(items)} tensors, largest {largest / 2**20:.0f} MiB, "
-        f"files in {args.dir} ({_fs(args.dir)}), median of {args.repeat}; page cache dropped before each "
+        f"files in {args.dir} ({fs_type(args.dir)}), median of {args.repeat}; page cache dropped before each "
         f"step: {cold}; writes include sync\n"
     )
     print(table(rows, ref))
@@ -185,7 +185,7 @@ def main() -> None:
     for what, ok in checks.items():
         print(f"- [{'x' if ok else ' '}] {what}")
     write_json(
-        args.out / f"ptzip-{_fs(args.dir)}.json",
+        args.out / f"ptzip-{fs_type(args.dir)}.json",
         {
             "bytes": nbytes,
             "largest": largest,
@@ -196,17 +196,6 @@ def main() -> None:
         },
     )
     shutil.rmtree(work)
-
-
-def _fs(path: Path) -> str:
-    """Filesystem type of ``path`` (tmpfs vs a disk changes what the numbers mean)."""
-    path = path.resolve()
-    best = ("", "?")
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, mnt, fstype, *_ = line.split()
-        if str(path).startswith(mnt) and len(mnt) > len(best[0]):
-            best = (mnt, fstype)
-    return best[1]
 
 
 if __name__ == "__main__":
