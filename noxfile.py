@@ -30,7 +30,9 @@ LOCKS = ROOT / "lockfiles"
 # Locks are resolved as of this instant, so `nox -s lock` regenerates byte-identical files until the
 # date is moved on purpose (and the new locks are reviewed and committed).
 LOCK_DATE = "2026-11-01T00:00:00Z"
-PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_17"]
+# The image and CI run Debian bookworm (glibc 2.36): manylinux_2_28 admits the wheels numba and llvmlite
+# ship (2_28 only), and every older manylinux tag.
+PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
 # name -> what `uv pip compile` reads
 LOCK_SOURCES: dict[str, list[str]] = {
     "runtime.txt": ["pyproject.toml"],

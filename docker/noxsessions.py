@@ -45,7 +45,11 @@ BUILD_TOOLS = ["setuptools", "wheel"]
 # extra index dirs on this machine), hash-checked, one file per pin.
 PIP_DOWNLOAD = ["-m", "pip", "download", "--isolated", "--disable-pip-version-check", "--progress-bar", "off"]
 PIP_DOWNLOAD += ["--require-hashes", "--no-deps", "-d", str(WHEELHOUSE)]
-PLATFORM = ["--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp"]
+# The image is bookworm (glibc 2.36). pip does not widen a manylinux_2_X --platform to older tags by itself
+# (only manylinux2014 -> 2010 -> 1), so every tag up to the lock's manylinux_2_28 is named.
+_TAGS = [f"manylinux_2_{minor}_x86_64" for minor in range(28, 16, -1)] + ["manylinux2014_x86_64"]
+PLATFORM = [arg for tag in _TAGS for arg in ("--platform", tag)]
+PLATFORM += ["--python-version", "3.11", "--implementation", "cp"]
 
 
 def _lockfilter() -> ModuleType:
@@ -78,8 +82,8 @@ def _ensure_base(session: nox.Session) -> None:
 def wheelhouse(session: nox.Session) -> None:
     """Fill docker/wheelhouse/ with every file of lockfiles/runtime.txt the image needs, hash-checked.
 
-    Binary wheels for cp311/manylinux2014 (including the build tools setuptools and wheel, pinned by the
-    lock), the sdists of SDIST_ONLY; files whose hash the lock does not list are deleted.
+    Binary wheels for cp311/manylinux_2_28 or older (including the build tools setuptools and wheel,
+    pinned by the lock), the sdists of SDIST_ONLY; files whose hash the lock does not list are deleted.
     """
     lf = _lockfilter()
     text = LOCK.read_text()
