@@ -4,6 +4,7 @@ tiny fixtures through tests/reference/convert.py (which passes it only the vocab
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -233,16 +234,45 @@ def test_fast_extract_equals_transformers(tmp_path: Path, with_scores: bool) -> 
     assert got == want and len(want[1]) > 500
 
 
-def test_inv_freq_without_torch() -> None:
-    """numpy's pow differs from torch's in the last fp32 bit for many sizes, never after the fp16 rounding."""
-    import numpy as np
-    import torch
+_TORCH_INV_FREQ = """
+import sys, numpy as np, torch
+from repro_merge.convert import inv_freq
+bad = []
+for head_dim in range(2, int(sys.argv[1]) + 1, 2):
+    exact = (1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))).numpy()
+    if not np.array_equal(inv_freq(head_dim), exact.astype(np.float16).astype(np.float32)):
+        bad.append(head_dim)
+print(bad)
+"""
 
-    from repro_merge.convert import inv_freq
 
-    for head_dim in range(2, 1025, 2):
-        exact = (1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))).numpy()
-        assert np.array_equal(inv_freq(head_dim), exact.astype(np.float16).astype(np.float32)), head_dim
+@pytest.mark.parametrize("capability", ["default", "avx2", "native"])
+def test_inv_freq_equals_torch(capability: str) -> None:
+    """The converter's expression under each of torch's CPU kernels (set before torch starts, hence a
+    process each) gives our buffer, for every even head size up to 2048 (real LLaMA: 128)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability != "native":
+        env["ATEN_CPU_CAPABILITY"] = capability
+    r = subprocess.run(
+        [sys.executable, "-c", _TORCH_INV_FREQ, "2048"], env=env, capture_output=True, text=True, check=True
+    )
+    assert r.stdout.strip() == "[]"
+
+
+def test_inv_freq_fp32_is_powf() -> None:
+    """Before the fp16 rounding, our values are torch's scalar kernel's bit for bit (so the rounding is
+    the only step that hides a difference, and there is none to hide)."""
+    code = """
+import numpy as np, torch
+from repro_merge import convert
+for d in range(2, 1025, 2):
+    e = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+    ours = np.float32(1.0) / np.array([convert._powf()(10000.0, float(x)) for x in e], dtype=np.float32)
+    want = (1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))).numpy()
+    assert np.array_equal(ours, want), d
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,20 @@ def test_archive_name_from_final_name(tmp_path: Path) -> None:
     assert (tmp_path / ".tmp-123").read_bytes() == (tmp_path / "consolidated.00.pth").read_bytes()
 
 
+def test_failed_save_leaves_no_file(tmp_path: Path) -> None:
+    arrays = [("a", np.ones(4, np.float16)), ("b", np.ones(4, np.float16))]
+    entries = [(n, ptzip.spec_of(a)) for n, a in arrays]
+
+    def fill(token: object) -> np.ndarray:
+        if token is entries[1][1].storage:
+            raise RuntimeError("the producer of the second tensor failed")
+        return arrays[0][1]
+
+    with pytest.raises(RuntimeError):
+        ptzip.save(tmp_path / "x.pth", entries, fill)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_refuses_empty_archive_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid file name"):
         ptzip.save_arrays(tmp_path / ".hidden", [("w", np.zeros(1, np.float16))])
@@ -310,6 +324,43 @@ def test_refuses_tensor_outside_its_storage(tmp_path: Path) -> None:
         ptzip.Checkpoint(tmp_path / "x.pth")
 
 
+def _one_tensor_pickle() -> bytes:
+    """data.pkl of {"w": 4 fp16 elements}, as torch writes it (ends with SETITEM, STOP)."""
+    return ptzip.pickle_state_dict([("w", ptzip.TensorMeta(ptzip.DTYPES["float16"], (4,), (1,), 0, "0", 4))])
+
+
+def _zip_with_tensor(path: Path, pkl: bytes) -> None:
+    with open(path, "wb") as f:
+        z = ptzip._ZipWriter(f, path.stem)
+        z.record("data.pkl", [pkl], len(pkl))
+        z.record("data/0", [b"\0" * 8], 8)
+        z.record("version", [b"3\n"], 2)
+        z.finish()
+
+
+def test_refuses_build_that_rewrites_a_checked_tensor(tmp_path: Path) -> None:
+    """BUILD would set the tensor's stride to 1000 after the bounds check, reading far past its storage."""
+    pkl = _one_tensor_pickle()
+    assert pkl.endswith(b"s.")
+    stride_1000 = b"}X\x06\x00\x00\x00strideM\xe8\x03\x85sb"
+    _zip_with_tensor(tmp_path / "x.pth", pkl[:-2] + stride_1000 + b"s.")
+    with pytest.raises(ptzip.CheckpointError, match="refused BUILD on TensorMeta"):
+        ptzip.Checkpoint(tmp_path / "x.pth")
+
+
+def test_refuses_build_on_a_shared_dtype(tmp_path: Path) -> None:
+    """BUILD on torch.HalfStorage would change the process-wide DType every later file is written with."""
+    pkl = _one_tensor_pickle()
+    itemsize_1 = b"ctorch\nHalfStorage\n}X\x08\x00\x00\x00itemsizeK\x01sb0"
+    _zip_with_tensor(tmp_path / "x.pth", pkl[:2] + itemsize_1 + pkl[2:])
+    with pytest.raises(ptzip.CheckpointError, match="refused BUILD on DType"):
+        ptzip.Checkpoint(tmp_path / "x.pth")
+    assert ptzip.DTYPES["float16"].itemsize == 2
+    _zip_with_tensor(tmp_path / "ok.pth", pkl)  # the unmodified stream reads, so the splice is what failed
+    with ptzip.Checkpoint(tmp_path / "ok.pth") as ck:
+        assert ck.tensors["w"].shape == (4,)
+
+
 @pytest.fixture
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.pth"
@@ -330,6 +381,25 @@ def test_every_truncation_is_a_clear_error(good_file: Path, tmp_path: Path) -> N
             assert str(p) in str(e)
         else:
             pytest.fail(f"truncation at {cut} of {len(data)} bytes was not noticed")
+
+
+def test_every_corrupt_directory_byte_is_a_clear_error(good_file: Path, tmp_path: Path) -> None:
+    """Each byte of the central directory and end records, flipped: read fine or a one-line error."""
+    data = good_file.read_bytes()
+    with ptzip.Checkpoint(good_file) as ck:
+        cd_start = ck.records[-1].data_offset + ck.records[-1].size
+    p = tmp_path / "flipped.pth"
+    for i in range(cd_start, len(data)):
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(data)
+            bad[i] ^= mask
+            p.write_bytes(bytes(bad))
+            try:
+                with ptzip.Checkpoint(p) as ck:
+                    for k in ck.tensors:
+                        ck.tensor(k)
+            except ptzip.CheckpointError as e:
+                assert str(p) in str(e) and "\n" not in str(e)
 
 
 def test_bad_crc(good_file: Path) -> None:

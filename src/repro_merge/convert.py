@@ -10,6 +10,9 @@ small files (config, generation config, tokenizer), so they match by constructio
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -184,16 +187,28 @@ def _check_shapes(
 # ------------------------------------------------------------------------------------------ the HF tensors
 
 
-def inv_freq(head_dim: int) -> np.ndarray:
-    """The rotary buffer every HF layer saves: fp32 values rounded through fp16.
+@functools.cache
+def _powf() -> Callable[[float, float], float]:
+    """The C library's fp32 ``powf``: what torch's scalar CPU kernel calls for ``float ** tensor``.
 
-    The converter's model is loaded in fp16, which rounds the buffer; it is saved as fp32 again. numpy's
-    fp32 pow can differ from torch's by an ulp, never after the rounding to fp16: a test checks every
-    even head size up to 1024 against torch, so no torch import is needed here.
+    numpy's fp32 power is not usable here: with AVX-512 it switches to SVML, whose results differ in the
+    last bit and, for some head sizes, after the fp16 rounding too (578 is the first), so the output
+    would depend on the CPU. torch's own AVX2/AVX-512 kernels (what the converter runs on such a CPU)
+    equal ``powf`` after the fp16 rounding for every even head size up to 3410 (tests check both).
     """
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    fn = libm.powf
+    fn.argtypes, fn.restype = [ctypes.c_float, ctypes.c_float], ctypes.c_float
+    return fn
+
+
+def inv_freq(head_dim: int) -> np.ndarray:
+    """The rotary buffer every HF layer saves, ``1 / 10000 ** (arange(0, d, 2) / d)`` in fp32, rounded
+    through fp16 (the converter's model is loaded in fp16, which rounds the buffer; it is saved as fp32
+    again). Real LLaMA heads are 128 wide: 64 calls."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    exact = np.float32(1.0) / np.power(np.float32(10000.0), exponent)
-    return exact.astype(np.float16).astype(np.float32)
+    powers = np.array([_powf()(10000.0, float(x)) for x in exponent], dtype=np.float32)
+    return (np.float32(1.0) / powers).astype(np.float16).astype(np.float32)
 
 
 @dataclass(frozen=True)

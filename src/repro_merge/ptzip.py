@@ -33,8 +33,17 @@ from repro_merge.errors import BadInputError
 # ---------------------------------------------------------------------------------------------- dtypes
 
 
+class _Sealed:
+    """Refuses pickle's BUILD opcode. BUILD updates an object's ``__dict__`` directly, past ``frozen``, so
+    a crafted data.pkl could otherwise rewrite a tensor's stride after its bounds check, or a DType that
+    the whole process shares."""
+
+    def __setstate__(self, state: object) -> None:
+        raise _RefusedPickle(f"refused BUILD on {type(self).__name__}: torch never pickles one")
+
+
 @dataclass(frozen=True)
-class DType:
+class DType(_Sealed):
     """A tensor element type: its torch name, storage class name and byte size."""
 
     name: str  # torch's name without the prefix: float16, bfloat16, ...
@@ -74,7 +83,7 @@ def dtype_of(array: np.ndarray) -> DType:
 
 
 @dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(_Sealed):
     """Everything ``data.pkl`` says about one tensor; its bytes live in storage record ``storage``."""
 
     dtype: DType
@@ -140,7 +149,7 @@ _ALLOWED_GLOBALS = {
 
 
 @dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Sealed):
     dtype: DType
     key: str
     numel: int
@@ -300,6 +309,13 @@ class Checkpoint:
         return CheckpointError(f"{self.path}: {what}")
 
     def _read_directory(self) -> list[Record]:
+        try:
+            return self._parse_directory()
+        except (struct.error, IndexError, ValueError, OverflowError, OSError) as e:
+            # a field that points into the wrong place: short reads, impossible offsets or counts
+            raise self._fail(f"corrupt zip directory ({type(e).__name__}: {e})") from None
+
+    def _parse_directory(self) -> list[Record]:
         f = self._f
         size = os.fstat(f.fileno()).st_size
         head = f.read(4)
@@ -360,6 +376,9 @@ class Checkpoint:
             tag, n = _le("HH", extra, p)
             if tag == 1:
                 vals = list(_le("Q" * (n // 8), extra, p + 4))
+                wanted = (usize == 0xFFFFFFFF) + (csize == 0xFFFFFFFF) + (hoff == 0xFFFFFFFF)
+                if len(vals) < wanted:
+                    raise self._fail("corrupt ZIP64 extra field: fewer values than the record needs")
                 if usize == 0xFFFFFFFF:
                     usize = vals.pop(0)
                 if csize == 0xFFFFFFFF:
@@ -725,6 +744,7 @@ class StreamWriter:
         token = {k: t for t, k in keys.items()}
         self.order: list[object] = [token[k] for k in sorted(keys.values())]
         self._next = 0
+        self._path, self._complete = Path(path), False
         self._f = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._zip = _ZipWriter(self._f, archive_name(str(archive if archive is not None else path)))
         pkl = pickle_state_dict(metas)
@@ -749,11 +769,15 @@ class StreamWriter:
                 raise ValueError(f"{len(self.order) - self._next} storages were never written")
             self._zip.record("version", [b"3\n"], 2)
             self._zip.finish()
+            self._complete = True
         finally:
             self._f.close()
 
     def abort(self) -> None:
+        """Stop writing and remove the file unless :meth:`close` completed it (safe to call after it)."""
         self._f.close()
+        if not self._complete:
+            self._path.unlink(missing_ok=True)
 
 
 def save(
