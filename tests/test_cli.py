@@ -31,3 +31,12 @@ def test_fixtures_into_non_empty_folder(tmp_path: Path) -> None:
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path) in lines[0] and "not an empty folder" in lines[0]
+
+
+def test_file_system_errors_are_one_line(tmp_path: Path) -> None:
+    """An OSError (here: a file where the output folder's parent should be) is no traceback."""
+    (tmp_path / "file").write_text("")
+    r = run("fixtures", str(tmp_path / "file" / "out"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"error: {tmp_path / 'file'}: " in lines[0], r.stderr

@@ -138,6 +138,24 @@ def test_params_that_do_not_fit(llama: Path, tmp_path: Path) -> None:
     _fails(llama, tmp_path, "7B", "has shape")
     p.write_text("{not json")
     _fails(llama, tmp_path, "7B", "params.json: not readable JSON")
+    p.write_text("5")
+    _fails(llama, tmp_path, "7B", "params.json: must be a JSON object")
+    for eps in ("1e-6", None, 0, True):
+        p.write_text(json.dumps({**params, "norm_eps": eps}))
+        _fails(llama, tmp_path, "7B", "params.json: norm_eps must be a number")
+
+
+def test_cli_reports_bad_input_on_one_line(llama: Path, tmp_path: Path) -> None:
+    (llama / "13B" / "consolidated.01.pth").unlink()
+    r = subprocess.run(
+        [sys.executable, "-m", "repro_merge.cli", "convert", "--input-dir", str(llama)]
+        + ["--model-size", "13B", "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "consolidated.01.pth: missing" in lines[0], r.stderr
 
 
 def test_missing_tokenizer_and_folder(llama: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from repro_merge import __version__
 from repro_merge.arith import DEFAULT_ORDER, ORDERS
-from repro_merge.errors import ReproMergeError
+from repro_merge.errors import EXIT_BAD_INPUT, ReproMergeError
 
 if TYPE_CHECKING:
     from repro_merge.build import Result
@@ -269,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReproMergeError as e:
         print(f"repro-merge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the file system said no (permissions, a full disk, a file where a folder goes)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"repro-merge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -137,11 +137,16 @@ def _read_params(path: Path) -> dict:
         raise _bad(path, "missing") from None
     except (OSError, ValueError) as e:
         raise _bad(path, f"not readable JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise _bad(path, f"must be a JSON object, not {type(params).__name__}")
     for field in ("dim", "n_heads", "n_layers", "norm_eps"):
         if field not in params:
             raise _bad(path, f"has no {field!r}")
     if not all(isinstance(params[f], int) and params[f] > 0 for f in ("dim", "n_heads", "n_layers")):
         raise _bad(path, "dim, n_heads and n_layers must be positive integers")
+    eps = params["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+        raise _bad(path, f"norm_eps must be a number between 0 and 1, got {eps!r}")
     return params
 
 
