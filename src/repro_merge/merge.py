@@ -407,10 +407,12 @@ def pth_order(base: Base) -> list[tuple[int, str]]:
 
 def write_pth(out: Path, base: Base, adapters: Sequence[Adapter], target: Target, order: str) -> None:
     """consolidated.0<i>.pth, all written side by side: each merged tensor is computed once and its
-    pieces go to every file (all files share one record order, as their key lists are alike)."""
+    pieces go to every file (all files share one record order, as their key lists are alike). Files
+    already in ``out`` (a resumed build keeps those that verify) are not written again."""
     plan = pth_order(base)
     names = [f"consolidated.{i:02d}.pth" for i in range(target.num_shards)]
-    if all((out / n).exists() for n in names):
+    todo = [i for i, n in enumerate(names) if not (out / n).exists()]
+    if not todo:
         return
     entries: list[list[tuple[str, ptzip.TensorSpec]]] = [[] for _ in names]
     for pos, (j, key) in enumerate(plan):
@@ -420,19 +422,19 @@ def write_pth(out: Path, base: Base, adapters: Sequence[Adapter], target: Target
         for i, piece in enumerate(piece_shapes(meta_name, shape, target.num_shards)):  # type: ignore[arg-type]
             entries[i].append((meta_name, _spec(dtype, piece, pos)))  # type: ignore[arg-type]
     with ExitStack() as stack:
-        writers = []
-        for name, ent in zip(names, entries, strict=True):
-            tmp = stack.enter_context(staged_file(out / name))
-            w = ptzip.StreamWriter(tmp, ent, archive=name)
+        writers = {}
+        for i in todo:
+            tmp = stack.enter_context(staged_file(out / names[i]))
+            w = ptzip.StreamWriter(tmp, entries[i], archive=names[i])
             stack.callback(w.abort)
-            writers.append(w)
+            writers[i] = w
         scratch = Scratch()
-        for pos in writers[0].order:
+        for pos in writers[todo[0]].order:
             j, key = plan[pos]  # type: ignore[index]
             pieces = split_for_pth(hf_to_meta(key), merged(base, adapters, j, key, order, scratch), target)  # type: ignore[arg-type]
-            for w, piece in zip(writers, pieces, strict=True):
-                w.write(pos, piece)
-        for w in writers:
+            for i, w in writers.items():
+                w.write(pos, pieces[i])
+        for w in writers.values():
             w.close()
 
 
