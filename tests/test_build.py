@@ -430,6 +430,23 @@ def test_rerun_keeps_verified_outputs_and_rebuilds_the_rest(
         assert (p.stat().st_mtime_ns == before[p]) == (p != shards[1]), f"{p.name}: rewritten or not"
 
 
+def test_output_folder_with_other_files_is_refused(family: Path, built: Path, tmp_path: Path) -> None:
+    """A rerun may complete a build of the same target; the user's files or another target's build are
+    refused before any work, and left as they were."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(errors.OutputExistsError, match="holds notes.txt"):
+        build("tiny", "alpaca-plus", llama=family / "llama", output_dir=mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    other = Path(shutil.copytree(built, tmp_path / "other"))
+    before = {p.name: sha256_file(p) for p in other.iterdir()}
+    for model, kind in (("alpaca-pro", "pth"), ("alpaca-plus", "huggingface")):
+        with pytest.raises(errors.OutputExistsError, match="holds another build"):
+            build("tiny", model, llama=family / "llama", output_dir=other, output_type=kind)
+    assert {p.name: sha256_file(p) for p in other.iterdir()} == before
+
+
 def test_verify_via_python_api(built: Path) -> None:
     r = verify_folder("tiny-alpaca-plus", built)
     assert r.verdict == "pass" and r.exit_code == 0

@@ -7,6 +7,7 @@ outputs that verify and completes the rest.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from repro_merge.errors import (
     EXIT_OK,
     EXIT_OUTPUT_MISMATCH,
     BadInputError,
+    OutputExistsError,
     ReproMergeError,
 )
 from repro_merge.fixtures import ADAPTERS
@@ -250,6 +252,47 @@ def _verdict(checks: list[FileCheck]) -> tuple[str, int]:
     return "pass", EXIT_OK
 
 
+# What a build writes into its output folder: the merge's files, then the manifest and provenance.
+_BUILD_FILES = (
+    "consolidated.*.pth",
+    "params.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    MANIFEST,
+    PROVENANCE,
+)
+
+
+def _check_resumable(out: Path, t: Target, output_type: str) -> None:
+    """A rerun completes what a build of the same target began; a folder holding anything else (the
+    user's files, another target's build) is refused before any work, as ``merge`` refuses it."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".partial"):
+            continue
+        if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, pat) for pat in _BUILD_FILES):
+            raise OutputExistsError(
+                f"{out}: output folder holds {p.name}, which no build writes; choose a new folder"
+            )
+    prov = out / PROVENANCE
+    if prov.is_file():
+        try:
+            was = json.loads(prov.read_text())["target"]
+        except (ValueError, KeyError, TypeError):
+            was = None
+        if was != {"name": t.name, "output_type": output_type}:
+            raise OutputExistsError(
+                f"{prov}: the folder holds another build ({was}), not {t.name} {output_type}; "
+                "choose a new folder"
+            )
+
+
 def _drop_wrong_outputs(out: Path, expected: dict[str, str | None]) -> None:
     """On a rerun, keep the outputs that verify; remove the rest so they are built again."""
     for name, want in expected.items():
@@ -287,6 +330,7 @@ def build(
         llama = llama or _env_path(ENV_LLAMA)
         lora = lora or _env_path(ENV_LORA)
         hf_base = hf_base or _env_path(ENV_HF_BASE)
+    _check_resumable(output_dir, t, output_type)
     inputs = gather_inputs(t, table, llama, lora, hf_base, work)
 
     intermediate: list[FileCheck] = []
@@ -379,7 +423,6 @@ def verify_folder(
     verdict, code = _verdict(checks)
     findings: list[Finding] = []
     if verdict == "output-mismatch":
-        findings += recorded_input_findings(folder)
         with tempfile.TemporaryDirectory(prefix="repro-merge-verify-") as tmp:
             base, adapters = None, None
             if t.tiny or llama or hf_base:
@@ -392,19 +435,6 @@ def verify_folder(
                 t, folder, checks, table, output_type, base, adapters, base is not None
             )
     return Result(t.name, folder, verdict, code, checks, findings, [])
-
-
-def recorded_input_findings(folder: Path) -> list[Finding]:
-    """Inputs that provenance.json recorded as not the published files."""
-    path = folder / PROVENANCE
-    if not path.is_file():
-        return []
-    record = json.loads(path.read_text())
-    return [
-        Finding("inputs", str(c["file"]), f"the build's input was {c['sha256']}, expected {c['expected']}")
-        for c in record.get("inputs", [])
-        if c.get("status") == "mismatch"
-    ]
 
 
 def golden_manifest(t: Target, output_type: str) -> dict | None:
