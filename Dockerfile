@@ -12,23 +12,24 @@
 # --user "$(id -u):$(id -g)" makes the files written to the /out mount belong to the caller; without it
 # the container runs as uid 1000 ("merge"), never as root.
 #
-# Build inputs, all local (no registry, no index at build time except Debian's apt mirror):
-#  - BASE: by default repro-merge-base:bookworm, built reproducibly with debootstrap by
-#    docker/make-base.sh (no container registry is needed). Registry alternative, pinned by digest (a
-#    digest of debian:bookworm-slim seen in public material: repo thepwagner-org/debian-bullseye,
-#    Dockerfile at commit 881cdc4b):
-#      --build-arg BASE=debian:bookworm-slim@sha256:12c396bd585df7ec21d5679bb6a83d4878bc4415ce926c9e5ea6426d23c60bdc
-#    together with --build-arg RUNTIME_PACKAGES="libsentencepiece0 python3 python3-venv" (the slim
-#    image has no Python). Either way Python 3.11 is Debian's python3 package, never a python.org
-#    build. Untested here (no registry is reachable from this machine); expect /etc's mtime to vary
-#    between builds with it: the slim image has no /etc/hosts (see docker/normalize-layer.sh).
+# Build inputs (no registry and no package index is needed except Debian's apt mirror):
+#  - BASE: pinned by digest to debian:bookworm-slim (Debian 12.9, the digest `docker inspect` reported
+#    for debian:bookworm-slim and debian:12.9-slim in Feb. 2025, as public Dockerfiles pin it). With
+#    it, RUNTIME_PACKAGES adds Python 3.11 (the slim image has none). Where that digest cannot be
+#    pulled (no registry reachable, as here and in our CI), `nox -s image` builds the same kind of
+#    base locally and reproducibly with debootstrap (docker/make-base.sh) and passes
+#      --build-arg BASE=repro-merge-base:bookworm --build-arg RUNTIME_PACKAGES=libsentencepiece0
+#    (that base has python3 already). Either way Python is Debian's python3 package, never a
+#    python.org build. The registry route is untested here (no registry is reachable from this
+#    machine); expect /etc's mtime to vary between builds with it: the slim image has no /etc/hosts
+#    (see docker/normalize-layer.sh).
 #  - docker/wheelhouse/: every file of lockfiles/runtime.txt for cp311/manylinux, hash-checked when it
 #    was downloaded (`nox -s wheelhouse`) and again here, where pip runs with --no-index --require-hashes.
 #
 # Never add a "syntax=" parser directive: it makes BuildKit pull a frontend image from a registry.
 # RUN --mount (bind) is supported by Docker 20.10's built-in frontend.
 
-ARG BASE=repro-merge-base:bookworm
+ARG BASE=debian:bookworm-slim@sha256:12c396bd585df7ec21d5679bb6a83d4878bc4415ce926c9e5ea6426d23c60bdc
 # 2023-06-10T00:00:00Z, Debian 12's release day; the same default as docker/make-base.sh.
 ARG SOURCE_DATE_EPOCH=1686355200
 
@@ -82,9 +83,10 @@ RUN rm -rf /dist && mkdir /dist \
 # ---------------------------------------------------------------------------------------------------
 FROM ${BASE} AS runtime
 ARG SOURCE_DATE_EPOCH
-# apt packages added to the base: only what is not in it already (the debootstrap base has python3 and
-# python3-venv; naming them here would upgrade them to the mirror's current point release).
-ARG RUNTIME_PACKAGES=libsentencepiece0
+# apt packages added to the base: only what is not in it already. The debootstrap base has python3 and
+# python3-venv, so it is given libsentencepiece0 alone (naming the others would upgrade them to the
+# mirror's current point release).
+ARG RUNTIME_PACKAGES="libsentencepiece0 python3 python3-venv"
 
 # Every RUN below ends with docker/normalize-layer.sh (read its header): it deletes what records the
 # build's wall clock (apt lists and caches, logs, ldconfig's aux-cache, "-old" backups), fixes

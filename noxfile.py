@@ -151,13 +151,13 @@ def fixtures(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks with peak RSS and throughput: `nox -s bench -- ptzip [--dir /dev/shm/x] [--repeat 3]`."""
+    """Benchmarks with peak RSS and throughput. `nox -s bench [-- OPTIONS]` runs the pipeline benchmark
+    (ours vs the references at real 7B shapes); `nox -s bench -- ptzip [OPTIONS]` the checkpoint I/O one."""
     install_locked(session)
     names = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
-    which, *rest = session.posargs or [""]
-    if which not in names:
-        session.error(f"name a benchmark: nox -s bench -- {{{','.join(names)}}} [options]")
-    session.run("python", str(ROOT / "benchmarks" / f"bench_{which}.py"), *rest)
+    args = list(session.posargs)
+    which = args.pop(0) if args and args[0] in names else "pipeline"
+    session.run("python", str(ROOT / "benchmarks" / f"bench_{which}.py"), *args)
 
 
 def _compile(session: nox.Session, name: str, out: Path) -> None:

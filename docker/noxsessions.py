@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,9 @@ LOCK = ROOT / "lockfiles" / "runtime.txt"
 WHEELHOUSE = HERE / "wheelhouse"  # gitignored; the build context's only large input
 CHECK_DIR = ROOT / "out" / "image-check"  # listings and build logs of image_check (out/ is gitignored)
 DOCKER = os.environ.get("DOCKER", "/usr/bin/docker")  # the 20.10 client (the 28.x one lacks buildx)
-BASE = "repro-merge-base:bookworm"  # built by docker/make-base.sh; the Dockerfile's default BASE
+LOCAL_BASE = "repro-merge-base:bookworm"  # built by docker/make-base.sh where PINNED_BASE cannot be pulled
+# The Dockerfile's default BASE (a digest-pinned debian:bookworm-slim), read from the Dockerfile itself.
+PINNED_BASE = re.search(r"^ARG BASE=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)  # type: ignore[union-attr]
 IMAGE = "repro-merge"
 # Packages of the lock that have no cp311 manylinux wheel and are built in the image from their sdist.
 SDIST_ONLY = ["sentencepiece"]
@@ -70,12 +73,21 @@ def _have_image(ref: str) -> bool:
     return subprocess.run([DOCKER, "image", "inspect", ref], capture_output=True).returncode == 0
 
 
-def _ensure_base(session: nox.Session) -> None:
-    """Build the debootstrap base with docker/make-base.sh unless it is already loaded."""
-    if _have_image(BASE):
-        session.log(f"base {BASE} present")
-        return
-    session.run("bash", str(HERE / "make-base.sh"), "-t", BASE, env={"DOCKER": DOCKER}, external=True)
+def _base_args(session: nox.Session) -> list[str]:
+    """docker build arguments for the base: none when the pinned one is here or can be pulled; else the
+    local debootstrap base (made by docker/make-base.sh unless already loaded) and its package list."""
+    if os.environ.get("REPRO_MERGE_BASE") != "local" and (
+        _have_image(PINNED_BASE)
+        or subprocess.run([DOCKER, "pull", PINNED_BASE], capture_output=True, timeout=900).returncode == 0
+    ):
+        session.log(f"base {PINNED_BASE}")
+        return []
+    session.log(f"{PINNED_BASE} cannot be pulled (or REPRO_MERGE_BASE=local): base {LOCAL_BASE}")
+    if not _have_image(LOCAL_BASE):
+        session.run(
+            "bash", str(HERE / "make-base.sh"), "-t", LOCAL_BASE, env={"DOCKER": DOCKER}, external=True
+        )
+    return ["--build-arg", f"BASE={LOCAL_BASE}", "--build-arg", "RUNTIME_PACKAGES=libsentencepiece0"]
 
 
 @nox.session(venv_backend="none")
@@ -132,13 +144,12 @@ def _sha256(path: Path) -> str:
 def _build(
     session: nox.Session, tag: str, extra: list[str], log: Path | None = None, context: Path = ROOT
 ) -> float:
-    """docker build of CONTEXT (the repository root) as TAG; returns the wall time in seconds."""
+    """docker build of CONTEXT (the repository root) as TAG; returns the wall time in seconds. EXTRA
+    starts with the base's arguments (``_base_args``)."""
     cmd = [
         DOCKER,
         "build",
         "--progress=plain",
-        "--build-arg",
-        f"BASE={BASE}",
         "-t",
         tag,
         *extra,
@@ -167,10 +178,10 @@ def image(session: nox.Session) -> None:
     args = list(session.posargs)
     fixed = "--fixed-created" in args
     args = [a for a in args if a != "--fixed-created"]
-    _ensure_base(session)
+    base = _base_args(session)
     wheelhouse(session)
     tag = f"{IMAGE}:latest"
-    took = _build(session, tag, args)
+    took = _build(session, tag, base + args)
     if fixed:
         start = time.monotonic()
         session.log(f"{tag}: {set_created(tag)} ({time.monotonic() - start:.0f} s)")
@@ -421,7 +432,7 @@ def image_check(session: nox.Session) -> None:
     The base image is not rebuilt here: docker/check-reproducible.sh checks that one.
     """
     keep = "--keep" in session.posargs
-    _ensure_base(session)
+    base = _base_args(session)
     wheelhouse(session)
     if CHECK_DIR.exists():
         shutil.rmtree(CHECK_DIR)
@@ -430,7 +441,7 @@ def image_check(session: nox.Session) -> None:
     tags = {r: f"{IMAGE}:check-{r}" for r in "ab"}
     saved: dict[str, Saved] = {}
     for r, tag in tags.items():
-        took = _build(session, tag, ["--no-cache"], CHECK_DIR / f"build-{r}.log", context)
+        took = _build(session, tag, [*base, "--no-cache"], CHECK_DIR / f"build-{r}.log", context)
         session.log(f"build {r}: {took:.0f} s")
         saved[r] = scan_saved(tag)
     shutil.rmtree(context)
