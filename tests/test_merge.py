@@ -315,9 +315,20 @@ def test_llama_tokenizer_with_alpaca_adapter(tiny: Path, bases: dict, tmp_path: 
     assert "adapter_model.bin" in msg
 
 
+def test_lm_head_rows_that_do_not_fit_the_tokenizer(tiny: Path, bases: dict, tmp_path: Path) -> None:
+    bad = _copy(loras(tiny, "13B", "alpaca")[0], tmp_path / "alpaca")
+    with ptzip.Checkpoint(bad / "adapter_model.bin") as ck:
+        items = [(k, np.array(ck.tensor(k))) for k in ck.tensors]
+    items = [(k, a[:-1] if k.endswith("lm_head.weight") else a) for k, a in items]
+    ptzip.save_arrays(bad / "adapter_model.bin", items)
+    msg = _refused(tmp_path, bases["13B", "normal"], [str(bad)], "361 lm_head rows.*362 tokens")
+    assert str(bad / "adapter_model.bin") in msg and str(bad / "tokenizer.model") in msg
+
+
 def test_adapters_in_the_wrong_order(tiny: Path, bases: dict, tmp_path: Path) -> None:
     a, b = loras(tiny, "13B", "alpaca-plus")
-    _refused(tmp_path, bases["13B", "normal"], [b, a], "wrong order")
+    msg = _refused(tmp_path, bases["13B", "normal"], [b, a], "wrong order")
+    assert msg.startswith(f"{Path(a) / 'tokenizer.model'}: 361 tokens, fewer than the first adapter's 362")
 
 
 def test_adapter_for_another_size(tiny: Path, bases: dict, tmp_path: Path) -> None:

@@ -116,12 +116,13 @@ def open_adapter(path: Path) -> Adapter:
             raise BadInputError(
                 f"{ck.path}: {ka} {list(a)} and {kb} {list(b)} do not have rank r={ad.r} ({cfg_path.name})"
             )
-    emb = ad.full.get("model.embed_tokens.weight")
-    if emb is not None and ck.tensors[emb].shape[0] != vocab:
-        raise BadInputError(
-            f"{ck.path}: {ck.tensors[emb].shape[0]} embedding rows, but the tokenizer in {path} has {vocab}"
-            " tokens (LLaMA tokenizer with an Alpaca adapter, or the reverse?)"
-        )
+    for what, name in (("embedding", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight")):
+        key = ad.full.get(name)
+        if key is not None and ck.tensors[key].shape[0] != vocab:
+            raise BadInputError(
+                f"{ck.path}: {ck.tensors[key].shape[0]} {what} rows, but {path / 'tokenizer.model'} has"
+                f" {vocab} tokens (LLaMA tokenizer with an Alpaca adapter, or the reverse?)"
+            )
     return ad
 
 
@@ -246,8 +247,8 @@ def check(base: Base, adapters: Sequence[Adapter], output_type: str, num_shards:
     if len(adapters) == 2 and adapters[0].vocab > adapters[1].vocab:
         a, b = adapters
         raise BadInputError(
-            f"{b.path}: its tokenizer ({b.vocab}) is smaller than the first adapter's ({a.vocab}, {a.path}):"
-            " adapters in the wrong order? (LLaMA-Plus first, then Alpaca-Plus/Pro)"
+            f"{b.path / 'tokenizer.model'}: {b.vocab} tokens, fewer than the first adapter's {a.vocab}"
+            f" ({a.path}): adapters in the wrong order? (LLaMA-Plus first, then Alpaca-Plus/Pro)"
         )
     for ad in adapters:
         for key in [*ad.full, *ad.lora]:
