@@ -11,6 +11,7 @@ from conftest import tree_hashes
 from transformers import LlamaTokenizer
 
 from repro_merge import checksums
+from repro_merge.errors import OutputExistsError
 from repro_merge.fixtures import ADAPTERS, lora_dir_name, meta_tensors, write_fixtures
 from repro_merge.layout import meta_split_axis
 from repro_merge.sizes import TINY_SIZES
@@ -28,7 +29,7 @@ def test_identical_across_runs(tiny: Path, tmp_path: Path) -> None:
 
 def test_refuses_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(Exception, match=r"keep|not an empty folder") as e:
+    with pytest.raises(OutputExistsError, match="exists and is not an empty folder") as e:
         write_fixtures(tmp_path)
     assert str(tmp_path) in str(e.value)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -210,6 +210,28 @@ def test_bf16_rounding_matches_torch() -> None:
 # ---------------------------------------------------------------------------- inputs the script cannot take
 
 
+@pytest.mark.parametrize("kind", ["pth", "huggingface"])
+def test_each_output_byte_is_written_once(
+    tiny: Path, bases: dict, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single pass: the checkpoint writers emit exactly the outputs' bytes, one file per output (the
+    script writes each pth twice, through L*- temporary files), and every file is a final output."""
+    written: dict[str, int] = {}
+    real = ptzip._ZipWriter._write
+
+    def counting(self: ptzip._ZipWriter, data: bytes | memoryview) -> None:
+        written[self.folder] = written.get(self.folder, 0) + len(data)
+        real(self, data)
+
+    monkeypatch.setattr(ptzip._ZipWriter, "_write", counting)
+    out = tmp_path / "out"
+    merge(str(bases["30B", "normal"]), loras(tiny, "30B", "alpaca-pro"), kind, out, num_shards=4)
+    files = {
+        p.name.rsplit(".", 1)[0]: p.stat().st_size for p in out.iterdir() if p.suffix in (".pth", ".bin")
+    }
+    assert len(files) == 4 and written == files
+
+
 def test_single_file_base(tiny: Path, tmp_path: Path) -> None:
     """A base small enough for one pytorch_model.bin merges like a one-shard base (the script dies)."""
     base = tmp_path / "base"
