@@ -75,9 +75,10 @@ MODELS = ("llama", "llama-plus", "alpaca", "alpaca-plus", "alpaca-pro")
 TARGETS = [f"{s}-{m}" for s in SIZES for m in MODELS]
 
 
-def in_image(session: nox.Session, args: list[str]) -> None:
-    """`repro-merge build ARGS` in the repro-merge image (`nox -s image` builds it): the caller's uid owns
-    the outputs in ./out; $REPRO_MERGE_LLAMA and $REPRO_MERGE_LORA, when set, are mounted read-only."""
+def in_image(session: nox.Session, args: list[str], command: str = "build") -> None:
+    """`repro-merge COMMAND ARGS` in the repro-merge image (`nox -s image` builds it): ./out is /out, so
+    the outputs land in ./out owned by the caller's uid, and an argument `out/...` names the same folder;
+    $REPRO_MERGE_LLAMA and $REPRO_MERGE_LORA, when set, are mounted read-only."""
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
     mounts = ["-v", f"{out}:/out"]
@@ -86,15 +87,26 @@ def in_image(session: nox.Session, args: list[str]) -> None:
             mounts += ["-v", f"{os.environ[env]}:{target}:ro"]
     docker = os.environ.get("DOCKER", "/usr/bin/docker")
     user = f"{os.getuid()}:{os.getgid()}"
-    session.run(docker, "run", "--rm", "--user", user, *mounts, "repro-merge", *args, external=True)
+    args = ["/" + a if a.startswith("out/") else a for a in args]
+    entry = [] if command == "build" else ["--entrypoint", "repro-merge"]
+    cmd = [] if command == "build" else [command]
+    session.run(
+        docker, "run", "--rm", "--user", user, *mounts, *entry, "repro-merge", *cmd, *args, external=True
+    )
+
+
+def _split_docker(session: nox.Session) -> tuple[bool, list[str]]:
+    """(`--docker` given, the other arguments)."""
+    return "--docker" in session.posargs, [a for a in session.posargs if a != "--docker"]
 
 
 @nox.session(python=PYTHON)
 def merge(session: nox.Session) -> None:
     """Build and gate one target: `nox -s merge -- 13B alpaca-plus [--lora DIR]` (default: the tiny one);
     `-- --docker 13B alpaca-plus` runs it in the image instead of the pinned venv."""
-    args = [a for a in session.posargs if a != "--docker"] or ["tiny", "alpaca-plus"]
-    if "--docker" in session.posargs:
+    docker, args = _split_docker(session)
+    args = args or ["tiny", "alpaca-plus"]
+    if docker:
         in_image(session, args)
         return
     install_locked(session, "runtime.txt")
@@ -104,19 +116,25 @@ def merge(session: nox.Session) -> None:
 @nox.session(python=PYTHON, name="build")
 @nox.parametrize("target", TARGETS, ids=TARGETS)
 def build_target(session: nox.Session, target: str) -> None:
-    """One session per size x model (`nox -l`); inputs from $REPRO_MERGE_LLAMA / $REPRO_MERGE_LORA."""
+    """One session per size x model (`nox -l`); inputs from $REPRO_MERGE_LLAMA / $REPRO_MERGE_LORA;
+    `-- --docker` runs it in the image."""
+    docker, args = _split_docker(session)
+    args = [*target.split("-", 1), *args]
+    if docker:
+        in_image(session, args)
+        return
     install_locked(session, "runtime.txt")
-    size, model = target.split("-", 1)
-    session.run("repro-merge", "build", size, model, *session.posargs)
+    session.run("repro-merge", "build", *args)
 
 
 @nox.session(python=PYTHON)
 def golden(session: nox.Session) -> None:
     """CI's golden-hash regression: every tiny target, pth and huggingface, built and gated against the
     committed hashes (SHA256.md), in the pinned venv, or in the image with `-- --docker`."""
-    docker = "--docker" in session.posargs
+    docker, _ = _split_docker(session)
     if not docker:
         install_locked(session, "runtime.txt")
+    where = "image" if docker else "venv"
     for model in MODELS:
         for kind in ("pth", "huggingface"):
             args = [
@@ -125,7 +143,7 @@ def golden(session: nox.Session) -> None:
                 "--output-type",
                 kind,
                 "--output-dir",
-                f"{'/out' if docker else 'out'}/golden-{'image' if docker else 'venv'}/tiny-{model}-{kind}",
+                f"out/golden-{where}/tiny-{model}-{kind}",
             ]
             if docker:
                 in_image(session, args)
@@ -135,11 +153,15 @@ def golden(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def verify(session: nox.Session) -> None:
-    """Gate an existing folder: `nox -s verify -- --model 13B-alpaca-plus out/13B-alpaca-plus`."""
+    """Gate an existing folder: `nox -s verify -- --model 13B-alpaca-plus out/13B-alpaca-plus` (default:
+    the tiny target `nox -s merge` builds); `-- --docker ...` in the image (the folder must be in ./out)."""
+    docker, args = _split_docker(session)
+    args = args or ["--model", "tiny-alpaca-plus", "out/tiny-alpaca-plus"]
+    if docker:
+        in_image(session, args, command="verify")
+        return
     install_locked(session, "runtime.txt")
-    session.run(
-        "repro-merge", "verify", *(session.posargs or ["--model", "tiny-alpaca-plus", "out/tiny-alpaca-plus"])
-    )
+    session.run("repro-merge", "verify", *args)
 
 
 @nox.session(python=PYTHON)
