@@ -145,14 +145,15 @@ RUN --mount=type=bind,source=docker,target=/srv \
 
 # Run-time environment. Each variable pins something that would otherwise come from the host/caller.
 ENV PATH=/opt/repro-merge/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    # One BLAS/OpenMP thread. The bytes do not depend on it: the default orders (seq, fma) are
-    # computed elementwise by numpy in a fixed order and parallelised by repro-merge's own pool
+    # One BLAS/OpenMP thread. The bytes do not depend on it: the orders seq and fma are computed
+    # element by element in a fixed order (arith.py: a numba kernel compiled without fast-math, so
+    # no FMA contraction or reordering) and parallelised over rows by repro-merge's own pool
     # (REPRO_MERGE_THREADS, default = CPU count). Pinned anyway, so that torch/OpenBLAS do not
     # oversubscribe that pool and a `--order host` diagnosis does not vary with the core count.
     OMP_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
     # MKL_DEBUG_CPU_TYPE is deliberately NOT set: the default arithmetic does not go through MKL at
-    # all (it reproduces MKL's summation orders exactly in numpy), and `--order host` is meant to show
+    # all (it computes the summation order MKL's generic path uses itself), and `--order host` shows
     # what this CPU's BLAS gives, so forcing an MKL code path would defeat it.
     # Fixed timestamps for anything that honours it (py_compile then writes hash-based pycs;
     # setuptools, zip and tar writers); repro-merge's outputs do not embed the wall clock in any case.
