@@ -45,7 +45,8 @@ LOCK_SOURCES: dict[str, list[str]] = {
 def install_locked(session: nox.Session, lock: str = "dev.txt") -> None:
     """The pinned stack from a lock, every file hash-checked, then this package without dependencies."""
     session.install("--require-hashes", "-r", str(LOCKS / lock))
-    session.install("--no-deps", "-e", str(ROOT))
+    # no build isolation: the build backend is the lock's own setuptools, not an unpinned download
+    session.install("--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
 @nox.session(python=PYTHON)
