@@ -177,6 +177,9 @@ def bench(session: nox.Session) -> None:
     """Benchmarks with peak RSS and throughput. `nox -s bench [-- OPTIONS]` runs the pipeline benchmark
     (ours vs the references at real 7B shapes); `nox -s bench -- ptzip [OPTIONS]` the checkpoint I/O one."""
     install_locked(session)
+    # Byte-compile the stack once (uv installs no .pyc, and with PYTHONDONTWRITEBYTECODE set none is ever
+    # written), so that no measured run spends seconds compiling torch's and numba's sources.
+    session.run("python", "-m", "compileall", "-q", "-j", "0", session.virtualenv.location, str(ROOT / "src"))
     names = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
     args = list(session.posargs)
     which = args.pop(0) if args and args[0] in names else "pipeline"
