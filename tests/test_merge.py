@@ -131,7 +131,10 @@ def _cli(
     return out
 
 
-MKL5 = {"MKL_DEBUG_CPU_TYPE": "5"}  # MKL 2020's AVX2 kernels, what an Intel host gets
+MKL5 = {"MKL_DEBUG_CPU_TYPE": "5"}  # MKL 2020's AVX2 kernels, on any x86-64 CPU with AVX2
+# MKL's generic path on any x86-64 CPU: what an AMD host takes by default (where this setting changes no
+# byte), and what an Intel host takes only when told (its default there is the AVX-512 kernels: fma order)
+MKL_GENERIC = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
 
 
 def test_the_script_depends_on_the_cpu() -> None:
@@ -168,7 +171,7 @@ def test_host_order_reproduces_the_script_under_mkl5(
 
 
 def test_host_order_on_the_generic_path(tiny: Path, bases: dict, tmp_path: Path) -> None:
-    out = _cli(tiny, bases, tmp_path / "out", "alpaca-plus", "pth", "host", {})
+    out = _cli(tiny, bases, tmp_path / "out", "alpaca-plus", "pth", "host", MKL_GENERIC)
     assert tree_hashes(out) == golden("13B-normal-alpaca-plus-pth")
 
 
@@ -182,19 +185,54 @@ def test_fma_order_is_mkl_strict_fma(tiny: Path, bases: dict, tmp_path: Path) ->
     assert tree_hashes(ours) != golden("13B-normal-alpaca-plus-pth")
 
 
-@pytest.mark.parametrize("shape", [(80, 8, 80), (256, 16, 96), (40, 6, 300), (33, 3, 7)])
-def test_seq_equals_this_machines_mkl_matmul(shape: tuple[int, int, int]) -> None:
+_SHAPES = [(80, 8, 80), (256, 16, 96), (40, 6, 300), (33, 3, 7)]
+_SCRIPT_ARITHMETIC = """
+import sys, numpy as np, torch
+w, b, a, scale = (np.load(p) for p in sys.argv[1:5])
+prod = torch.from_numpy(b) @ torch.from_numpy(a)
+t = torch.from_numpy(w)
+t += prod * float(scale)
+np.save(sys.argv[5], prod.numpy())
+np.save(sys.argv[6], t.numpy())
+"""
+
+
+def _script_arithmetic(tmp_path: Path, env: dict[str, str], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The fp32 product ``B @ A`` and the script's ``w += (B @ A) * s``, through torch and MKL in a fresh
+    process (MKL reads its environment once, at start-up)."""
+    paths = [tmp_path / f"{n}.npy" for n in ("w", "b", "a", "s", "prod", "merged")]
+    for p, x in zip(paths, arrays, strict=False):
+        np.save(p, x)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MKL_", "OMP_"))}
+    r = subprocess.run(
+        [sys.executable, "-c", _SCRIPT_ARITHMETIC, *map(str, paths)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return np.load(paths[4]), np.load(paths[5])
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
+@pytest.mark.parametrize(
+    ("order", "env"), [("seq", MKL_GENERIC), ("fma", {**MKL5, "MKL_CBWR": "AUTO,STRICT"})], ids=["seq", "fma"]
+)
+def test_orders_equal_mkl_paths(tmp_path: Path, shape: tuple[int, int, int], order: str, env: dict) -> None:
+    """``seq`` is MKL's generic path and ``fma`` its strict-CNR AVX2 path, each forced by its setting so
+    that the check means the same on an AMD and on an Intel host."""
     o, r, i = shape
     rng = np.random.default_rng(sum(shape))
     b = rng.standard_normal((o, r)).astype(np.float32)
     a = rng.standard_normal((r, i)).astype(np.float32)
     w = rng.standard_normal((o, i)).astype(np.float16)
-    want = torch.from_numpy(w.copy())
-    want += (torch.from_numpy(b) @ torch.from_numpy(a)) * (20 / r)
-    got = arith.add_lora(w, "float16", b, a, 20 / r, False, "seq")
-    assert np.array_equal(got, want.numpy())
-    got_t = arith.add_lora(w.T.copy(), "float16", b, a, 20 / r, True, "seq")  # fan_in_fan_out
-    assert np.array_equal(got_t, want.numpy().T)
+    prod, merged = _script_arithmetic(tmp_path, env, w, b, a, np.float64(20 / r))
+    assert np.array_equal(arith._full(b, a, order), prod)
+    other = arith._full(b, a, "fma" if order == "seq" else "seq")
+    assert np.array_equal(other, prod) == (r == 1)  # one product: no sum, both orders agree
+    assert np.array_equal(arith.add_lora(w, "float16", b, a, 20 / r, False, order), merged)
+    got_t = arith.add_lora(w.T.copy(), "float16", b, a, 20 / r, True, order)  # fan_in_fan_out
+    assert np.array_equal(got_t, merged.T)
 
 
 def test_bf16_rounding_matches_torch() -> None:

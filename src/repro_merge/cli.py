@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ORDER,
         choices=ORDERS,
         help="fp32 summation order of the LoRA product: seq (the script's bytes on a generic-path MKL, on "
-        "any CPU), fma (MKL's AVX2 kernels' order), host (this machine's BLAS, for diagnosis)",
+        "any CPU), fma (MKL's AVX2 and AVX-512 kernels' order), host (this machine's BLAS, for diagnosis)",
     )
     p.add_argument("--verbose", action="store_true", help="accepted for compatibility with the script")
     p.set_defaults(func=_cmd_merge)
