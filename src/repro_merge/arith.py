@@ -4,8 +4,8 @@ The upstream script computes ``w16 += (B.float() @ A.float()) * (alpha / r)``: a
 scaled, added to the fp16 weight in fp32 and rounded to fp16. Which bytes come out depends on how the
 BLAS sums the r products: MKL's generic path (an AMD host's default) sums k = 0..r-1 in order with
 each product rounded to fp32 (``seq``); its AVX2 and AVX-512 kernels, which an Intel host gets, mostly
-use fused multiply-adds (``fma``). Both orders are computed here exactly, the same way on any CPU; ``host`` is a
-plain matmul through torch, i.e. whatever the local BLAS does, for diagnosis.
+use fused multiply-adds (``fma``). Both orders are computed here exactly, the same way on any CPU;
+``host`` is a plain matmul through torch, i.e. whatever the local BLAS does, for diagnosis.
 """
 
 from __future__ import annotations
