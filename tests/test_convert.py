@@ -69,24 +69,14 @@ def test_inv_freq_is_fp16_rounded_fp32(reference_outputs: dict) -> None:
     assert np.array_equal(values.astype(np.float16).astype(np.float32), values)
 
 
-def test_cli_with_dashed_flags(tiny: Path, tmp_path: Path, reference_outputs: dict) -> None:
+@pytest.mark.parametrize("sep", ["_", "-"], ids=["script-flags", "dashed-flags"])
+def test_cli_flags(tiny: Path, tmp_path: Path, reference_outputs: dict, sep: str) -> None:
+    """The converter script's own flag names, and their dashed spellings."""
+    flags = {"input_dir": tiny / "llama", "model_size": "13B", "output_dir": tmp_path / "hf"}
+    flags["max_shard_size"] = "200KB"
+    argv = [x for k, v in flags.items() for x in ("--" + k.replace("_", sep), str(v))]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "repro_merge.cli",
-            "convert",
-            "--input-dir",
-            str(tiny / "llama"),
-            "--model-size",
-            "13B",
-            "--output-dir",
-            str(tmp_path / "hf"),
-            "--max-shard-size",
-            "200KB",
-        ],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "repro_merge.cli", "convert", *argv], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
     assert tree_hashes(tmp_path / "hf") == tree_hashes(reference_outputs["13B", "200KB"])
@@ -134,6 +124,10 @@ def test_params_that_do_not_fit(llama: Path, tmp_path: Path) -> None:
     params = json.loads(p.read_text())
     p.write_text(json.dumps({**params, "n_layers": params["n_layers"] + 1}))
     _fails(llama, tmp_path, "7B", "has no layers.2.attention.wq.weight")
+    p.write_text(json.dumps({**params, "n_layers": params["n_layers"] - 1}))  # would drop a layer
+    _fails(llama, tmp_path, "7B", "params.json: n_layers is 1, but consolidated.00.pth has layers.1")
+    p.write_text(json.dumps({**params, "n_heads": params["n_heads"] * 2}))  # would scramble q and k
+    _fails(llama, tmp_path, "7B", "params.json: n_heads is 8, but rope.freqs .* has 8 entries")
     p.write_text(json.dumps({**params, "dim": 72}))
     _fails(llama, tmp_path, "7B", "has shape")
     p.write_text("{not json")

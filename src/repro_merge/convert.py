@@ -114,7 +114,7 @@ def open_meta(input_dir: Path, model_size: str) -> MetaCheckpoint:
         raise _bad(folder / "params.json", f"dim {dim} and n_heads {heads} do not split into {n} shard(s)")
     shards = [ptzip.Checkpoint(folder / name) for name in want]
     try:
-        vocab, ffn = _check_shapes(folder, shards, dim, layers, n)
+        vocab, ffn = _check_shapes(folder, shards, dim, heads, layers, n)
     except BadInputError:
         for s in shards:
             s.close()
@@ -151,9 +151,11 @@ def _read_params(path: Path) -> dict:
 
 
 def _check_shapes(
-    folder: Path, shards: list[ptzip.Checkpoint], dim: int, layers: int, n: int
+    folder: Path, shards: list[ptzip.Checkpoint], dim: int, heads: int, layers: int, n: int
 ) -> tuple[int, int]:
-    """Every key present in every shard with the shape Meta's split gives; returns (vocab, ffn)."""
+    """Every key present in every shard with the shape Meta's split gives, and params.json's layer and
+    head counts those of the tensors (a wrong one would silently drop layers or scramble q and k);
+    returns (vocab, ffn)."""
     first = shards[0]
     for key in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if key not in first.tensors:
@@ -186,6 +188,16 @@ def _check_shapes(
                     shard.path,
                     f"{key} has shape {list(meta.shape)}, expected {want} for dim {dim} in {n} shard(s)",
                 )
+    more = f"layers.{layers}.attention_norm.weight"
+    if more in first.tensors:
+        raise _bad(folder / "params.json", f"n_layers is {layers}, but {first.path.name} has {more}")
+    rope = first.tensors.get("rope.freqs")
+    if rope is not None and list(rope.shape) != [dim // heads // 2]:
+        raise _bad(
+            folder / "params.json",
+            f"n_heads is {heads}, but rope.freqs in {first.path.name} has {rope.shape[0]} entries, "
+            f"not dim / n_heads / 2 = {dim // heads // 2}",
+        )
     return vocab, ffn
 
 
