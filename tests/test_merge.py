@@ -418,6 +418,14 @@ def test_missing_adapter_config_field(tiny: Path, bases: dict, tmp_path: Path) -
     _refused(tmp_path, bases["13B", "normal"], [str(bad)], "adapter_config.json: field 'lora_alpha'")
 
 
+@pytest.mark.parametrize("n", [0, -1])
+def test_num_shards_below_one(tiny: Path, bases: dict, tmp_path: Path, n: int) -> None:
+    out = tmp_path / "refused"
+    with pytest.raises(BadInputError, match=f"--num_shards {n}: the number of pth files must be 1 or more"):
+        merge(str(bases["13B", "normal"]), loras(tiny, "13B", "llama"), "pth", out, num_shards=n)
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_no_base_shards(tiny: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     _refused(tmp_path, tmp_path / "empty", loras(tiny, "13B", "llama"), "no base shards found")

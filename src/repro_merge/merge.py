@@ -212,6 +212,8 @@ class Target:
 
 def pth_target(base: Base, width: int, num_shards: int | None) -> Target:
     """The script's table for a real embedding width; else the base's config.json and --num_shards."""
+    if num_shards is not None and num_shards < 1:
+        raise BadInputError(f"--num_shards {num_shards}: the number of pth files must be 1 or more")
     size = real_size_by_dim(width)
     if size is not None:
         if num_shards not in (None, size.num_shards):
@@ -236,7 +238,7 @@ def pth_target(base: Base, width: int, num_shards: int | None) -> Target:
         raise BadInputError(f"{where}: missing or bad field {e}") from None
     if params["dim"] != width:
         raise BadInputError(f"{where}: hidden_size {params['dim']} but the embedding is {width} wide")
-    return Target(params, num_shards or 1)
+    return Target(params, 1 if num_shards is None else num_shards)
 
 
 def check(base: Base, adapters: Sequence[Adapter], output_type: str, num_shards: int | None) -> Target | None:
