@@ -171,6 +171,18 @@ def test_swapped_tokenizer(family: Path, tmp_path: Path) -> None:
     assert "it is probably lora/chinese_llama_lora_13b/tokenizer.model" in msg  # the LLaMA tokenizer
 
 
+def test_changed_adapter_config_and_params(family: Path, tmp_path: Path) -> None:
+    """alpha, r and params.json set the arithmetic and the split: they are checked before any compute."""
+    fx = _copy_family(family, tmp_path)
+    cfg = fx / "lora/chinese_alpaca_plus_lora_13b/adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_alpha": 64}))
+    params = fx / "llama/13B/params.json"
+    params.write_text(params.read_text().replace('"n_layers": 2', '"n_layers": 1'))
+    msg = _input_mismatch(fx, tmp_path)
+    assert msg.startswith("2 input(s) are not the published files")
+    assert f"{params}: expected" in msg and f"{cfg}: expected" in msg
+
+
 def test_swapped_adapter_order(family: Path, tmp_path: Path) -> None:
     """The two adapter folders' contents exchanged: each is named as the other."""
     fx = _copy_family(family, tmp_path)
@@ -179,7 +191,7 @@ def test_swapped_adapter_order(family: Path, tmp_path: Path) -> None:
     b.rename(a)
     (fx / "lora/tmp").rename(b)
     msg = _input_mismatch(fx, tmp_path)
-    assert msg.startswith("4 input(s)")
+    assert msg.startswith("10 input(s)")  # each folder's five files: weights, config, tokenizer files
     assert "probably lora/chinese_alpaca_plus_lora_13b/adapter_model.bin" in msg
     assert "probably lora/chinese_llama_plus_lora_13b/adapter_model.bin" in msg
 
@@ -295,6 +307,9 @@ def test_other_arithmetic_order_is_named(family: Path, tmp_path: Path) -> None:
     assert order and all(f["data"]["reproduces_expected"] == ["seq", "host"] for f in order)
     assert all(f["data"]["reproduces_found"] == ["fma"] for f in order)
     assert all("this file is what the `fma` order gives" in f["detail"] for f in order)
+    for f in order:  # and how far it is from the expected bytes: which tensors, elements, ulps
+        assert f["data"]["tensors"] and all(0 < t["elements"] <= t["of"] for t in f["data"]["tensors"])
+        assert all(t["max_ulps"] >= 1 for t in f["data"]["tensors"]) and "tensor(s) differ" in f["detail"]
 
 
 def test_wrong_model_is_structure(family: Path, tmp_path: Path) -> None:
@@ -439,6 +454,27 @@ def test_rerun_keeps_verified_outputs_and_rebuilds_the_rest(
     assert run() == "pass"
     for p in shards:
         assert (p.stat().st_mtime_ns == before[p]) == (p != shards[1]), f"{p.name}: rewritten or not"
+
+
+def test_rerun_rebuilds_outputs_no_hash_vouches_for(family: Path, tmp_path: Path) -> None:
+    """A file the table has no hash for is never kept on a rerun: it may come from a build with another
+    arithmetic order (as real targets' HF shards and TBA parts have no published hash)."""
+    table = tmp_path / "SHA256.md"
+    rows = (ROOT / "SHA256.md").read_text().splitlines(keepends=True)
+    dropped = [r for r in rows if r.startswith("| tiny-alpaca-plus | consolidated.00.pth")]
+    assert len(dropped) == 1
+    published = dropped[0].split("|")[3].strip()  # the script's own bytes for it
+    table.write_text("".join(r for r in rows if r not in dropped))
+    env = {"REPRO_MERGE_SHA256": str(table)}
+    out, args = tmp_path / "o", ["--llama", str(family / "llama"), "--work", str(tmp_path / "w")]
+    r = cli("build", "tiny", "alpaca-plus", *args, "--output-dir", str(out), "--order", "fma", env=env)
+    assert r.returncode == errors.EXIT_OK, r.stderr  # the listed files are alike in both orders
+    fma = sha256_file(out / "consolidated.00.pth")
+    r = cli("build", "tiny", "alpaca-plus", *args, "--output-dir", str(out), env=env)
+    assert r.returncode == errors.EXIT_OK, r.stderr
+    seq = sha256_file(out / "consolidated.00.pth")
+    assert fma != seq == published
+    assert json.loads((out / "provenance.json").read_text())["numerics"]["order"] == "seq"
 
 
 def test_output_folder_with_other_files_is_refused(family: Path, built: Path, tmp_path: Path) -> None:

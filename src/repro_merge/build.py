@@ -166,8 +166,11 @@ def gather_inputs(
     if t.tiny:  # the embedded family unless given; its files are listed by path inside the family
         fx = llama.parent if llama else embedded_fixtures(work)
         llama, lora = fx / "llama", lora or fx / "lora"
+        # every file the convert step reads: the shards, params.json and the base tokenizer
         originals = {
-            fx / rel: h for rel, h in fixtures.items() if rel.startswith(f"llama/{t.size.folder}/consol")
+            fx / rel: h
+            for rel, h in fixtures.items()
+            if rel.startswith(f"llama/{t.size.folder}/") or rel == "llama/tokenizer.model"
         }
     elif llama is not None:
         originals = {llama / t.size.folder / f: h for f, h in table.expected("original", t.size.name).items()}
@@ -178,7 +181,9 @@ def gather_inputs(
                 f"no original LLaMA folder: give --llama DIR or set {ENV_LLAMA} (or --hf-base)"
             )
         for path, h in originals.items():
-            inputs.checks.append(_check(path, "original", h, known))
+            inputs.checks.append(
+                _check(path, "tokenizer" if path.name == "tokenizer.model" else "original", h, known)
+            )
     else:
         for f, h in table.expected("hf-base", "tiny" if t.tiny else t.size.name).items():
             if f.startswith("pytorch_model"):
@@ -190,17 +195,19 @@ def gather_inputs(
         if not folder.is_dir():
             raise BadInputError(f"{folder}: missing adapter folder (released name {name})")
         inputs.adapters.append(folder)
-        if t.tiny:
-            ad, tok = (
-                fixtures.get(f"lora/{name}/adapter_model.bin"),
-                fixtures.get(f"lora/{name}/tokenizer.model"),
-            )
-        else:
-            ad = table.expected("adapter", name).get("adapter_model.bin")
+        if t.tiny:  # every file of the adapter folder: its config (r, alpha) and tokenizer files too
+            files = {
+                rel.split("/", 2)[2]: h for rel, h in fixtures.items() if rel.startswith(f"lora/{name}/")
+            }
+        else:  # what the publisher lists: the weights and the tokenizer
             family = "alpaca" if "alpaca" in name else "llama"
-            tok = table.expected("tokenizer", family).get("tokenizer.model")
-        inputs.checks.append(_check(folder / "adapter_model.bin", "adapter", ad, known))
-        inputs.checks.append(_check(folder / "tokenizer.model", "tokenizer", tok, known))
+            files = {
+                "adapter_model.bin": table.expected("adapter", name).get("adapter_model.bin"),
+                "tokenizer.model": table.expected("tokenizer", family).get("tokenizer.model"),
+            }
+        for f, h in files.items():
+            role = "tokenizer" if f == "tokenizer.model" else "adapter"
+            inputs.checks.append(_check(folder / f, role, h, known))
     bad = [c for c in inputs.checks if c["status"] == "mismatch"]
     if bad:
         lines = [
@@ -294,10 +301,14 @@ def _check_resumable(out: Path, t: Target, output_type: str) -> None:
 
 
 def _drop_wrong_outputs(out: Path, expected: dict[str, str | None]) -> None:
-    """On a rerun, keep the outputs that verify; remove the rest so they are built again."""
-    for name, want in expected.items():
-        p = out / name
-        if p.is_file() and (want is None or sha256_file(p) != want):
+    """On a rerun, keep the outputs that verify against the table; remove the rest so they are built
+    again, including files the table has no hash for (nothing vouches for them: they may come from a
+    build with another arithmetic order) and the previous manifest and provenance."""
+    for p in out.iterdir():
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        want = expected.get(p.name)
+        if want is None or sha256_file(p) != want:
             p.unlink()
 
 
@@ -502,6 +513,7 @@ def write_provenance(
     record = {
         "tool": {"name": "repro-merge", "version": __version__},
         "lock_sha256": sha256_file(lock) if lock.is_file() else None,
+        "table_sha256": sha256_file(checksums.table_path()),  # the SHA256.md the gate read
         "stack": stack_versions(),
         "platform": {"system": platform.system(), "machine": platform.machine(), "cpu": cpu_model()},
         "numerics": {"order": order, **numerics_env()},

@@ -308,7 +308,7 @@ def order_findings(
             detail = f"the expected bytes are what the `{match[0]}` arithmetic order gives"
             if made:
                 detail += f"; this file is what the `{made[0]}` order gives (another BLAS/CPU path)"
-            elif is_checkpoint(fc.file):
+            if is_checkpoint(fc.file):
                 detail += "; " + _distance(folder / fc.file, builds[match[0]] / fc.file, data)
             out.append(Finding("arithmetic-order", fc.file, detail, data))
         else:
@@ -386,8 +386,17 @@ def diagnose(
     )
     if rebuild is not None and scratch is not None and numeric:
         out += order_findings(folder, [c for c in bad if c.status == "mismatch"], rebuild, scratch, orders)
-    if not out and bad:
-        out.append(Finding("unknown", bad[0].file, "differs, and no cause was found"))
+    for c in bad:  # every differing file gets a finding, also where no cause is visible from it alone
+        if not any(f.file == c.file for f in out):
+            hint = (
+                ""
+                if golden is not None
+                else (
+                    "; with no per-tensor manifest of the expected file, only its container was checked "
+                    "(give the inputs to rebuild it with every arithmetic order)"
+                )
+            )
+            out.append(Finding("unknown", c.file, "differs, and no cause was found" + hint))
     return out
 
 
