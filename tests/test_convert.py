@@ -182,12 +182,12 @@ def test_crash_leaves_no_final_name(tiny: Path, tmp_path: Path, monkeypatch: pyt
 
     real_save, calls = ptzip.save, []
 
-    def failing_save(path, entries, fill, archive=None):  # type: ignore[no-untyped-def]
+    def failing_save(path, entries, fill, archive=None, overlap=False):  # type: ignore[no-untyped-def]
         calls.append(archive)
         if len(calls) == 2:
-            fill(entries[0][1].storage)
+            fill(entries[0][1].storage, 0)
             raise KeyboardInterrupt("simulated crash")
-        real_save(path, entries, fill, archive)
+        real_save(path, entries, fill, archive, overlap)
 
     monkeypatch.setattr(conv.ptzip, "save", failing_save)
     out = tmp_path / "out"

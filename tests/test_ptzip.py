@@ -217,6 +217,59 @@ def test_failed_save_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fails", ["make", "write"])
+def test_overlapped_save_failure_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """A failure in the producer or in the background write: the exception reaches the caller after the
+    write thread stopped, and the partial file is gone."""
+    arrays = [(f"t{i}", np.full(1000, i, np.float32)) for i in range(6)]
+    entries = [(n, ptzip.spec_of(a)) for n, a in arrays]
+    data = {spec.storage: a for (_, spec), (_, a) in zip(entries, arrays, strict=True)}
+    real = ptzip.StreamWriter.write
+
+    def write(self: ptzip.StreamWriter, token: object, buf: np.ndarray) -> None:
+        if fails == "write" and token is entries[3][1].storage:
+            raise OSError(28, "No space left on device")
+        real(self, token, buf)
+
+    def fill(token: object, slot: int) -> np.ndarray:
+        if fails == "make" and token is entries[4][1].storage:
+            raise RuntimeError("the producer failed")
+        return data[token]
+
+    monkeypatch.setattr(ptzip.StreamWriter, "write", write)
+    with pytest.raises(OSError if fails == "write" else RuntimeError):
+        ptzip.save(tmp_path / "x.pth", entries, fill, overlap=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overlapped_keeps_order_and_frees_each_slot_before_reuse() -> None:
+    import threading
+
+    events: list[tuple[str, int, int]] = []
+    main, second_made = threading.get_ident(), threading.Event()
+
+    def make(n: int, slot: int) -> int:
+        assert threading.get_ident() == main
+        events.append(("make", n, slot))
+        if n == 1:
+            second_made.set()
+        return n
+
+    def write(n: int, data: int) -> None:
+        assert threading.get_ident() != main and data == n
+        if n == 0:  # the next tensor is made while this one is being written
+            assert second_made.wait(30)
+        events.append(("write", n, -1))
+
+    ptzip.overlapped(list(range(8)), make, write)
+    assert [n for kind, n, _ in events if kind == "write"] == list(range(8))
+    assert [slot for kind, _, slot in events if kind == "make"] == [0, 1] * 4
+    for n in range(2, 8):  # the slot's previous data was written before it is made again
+        assert events.index(("write", n - 2, -1)) < events.index(("make", n, n % 2))
+
+
 def test_refuses_empty_archive_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid file name"):
         ptzip.save_arrays(tmp_path / ".hidden", [("w", np.zeros(1, np.float16))])

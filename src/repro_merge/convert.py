@@ -328,7 +328,7 @@ def write_state_dict(path: Path, tensors: list[HFTensor]) -> None:
     entries = [(t.name, ptzip.TensorSpec(t.dtype, t.shape, t.name, math.prod(t.shape))) for t in tensors]
     makers = {t.name: t for t in tensors}
 
-    def fill(name: object) -> np.ndarray:
+    def fill(name: object, slot: int) -> np.ndarray:  # a fresh array each time: slots need no care
         t = makers[name]  # type: ignore[index]
         a = t.make()
         if a.shape != t.shape or a.dtype != t.dtype.numpy:
@@ -338,7 +338,9 @@ def write_state_dict(path: Path, tensors: list[HFTensor]) -> None:
         return a
 
     with staged_file(path) as tmp:
-        ptzip.save(tmp, entries, fill, archive=path.name)
+        ptzip.save(
+            tmp, entries, fill, archive=path.name, overlap=True
+        )  # each tensor written while the next is made
 
 
 # ------------------------------------------------------------------------------------------ config files

@@ -307,8 +307,9 @@ def _final_dtype(base: Base, adapters: Sequence[Adapter], key: str, shard: int) 
 
 
 class Scratch:
-    """One array reused for every merged tensor: each is written out before the next is computed, so
-    fresh memory (whose first touch is what costs here, not the arithmetic) is paid for once."""
+    """One array reused for every other merged tensor (two alternate: one is written out while the
+    next is computed, see ``ptzip.overlapped``), so fresh memory, whose first touch is what costs here,
+    not the arithmetic, is paid for once."""
 
     def __init__(self) -> None:
         self.raw = np.empty(0, np.uint8)
@@ -381,7 +382,7 @@ def _spec(dtype: ptzip.DType, shape: tuple[int, ...], token: object) -> ptzip.Te
 
 def write_huggingface(out: Path, base: Base, adapters: Sequence[Adapter], order: str) -> int:
     """Each base shard merged under its own name; returns the merged model's size in bytes."""
-    total, scratch = 0, Scratch()
+    total, scratch = 0, (Scratch(), Scratch())
     for i, ck in enumerate(base.shards):
         entries = []
         for key in ck.tensors:
@@ -395,8 +396,9 @@ def write_huggingface(out: Path, base: Base, adapters: Sequence[Adapter], order:
             ptzip.save(
                 tmp,
                 entries,
-                lambda key, i=i: merged(base, adapters, i, key, order, scratch),
+                lambda key, slot, i=i: merged(base, adapters, i, key, order, scratch[slot]),
                 archive=final.name,
+                overlap=True,
             )
     return total
 
@@ -431,12 +433,19 @@ def write_pth(out: Path, base: Base, adapters: Sequence[Adapter], target: Target
             w = ptzip.StreamWriter(tmp, entries[i], archive=names[i])
             stack.callback(w.abort)
             writers[i] = w
-        scratch = Scratch()
-        for pos in writers[todo[0]].order:
-            j, key = plan[pos]  # type: ignore[index]
-            pieces = split_for_pth(hf_to_meta(key), merged(base, adapters, j, key, order, scratch), target)  # type: ignore[arg-type]
+        scratch = (Scratch(), Scratch())
+
+        def make(pos: int, slot: int) -> list[np.ndarray]:
+            j, key = plan[pos]
+            return split_for_pth(
+                hf_to_meta(key), merged(base, adapters, j, key, order, scratch[slot]), target
+            )  # type: ignore[arg-type]
+
+        def write(pos: int, pieces: list[np.ndarray]) -> None:
             for i, w in writers.items():
                 w.write(pos, pieces[i])
+
+        ptzip.overlapped(writers[todo[0]].order, make, write)  # type: ignore[arg-type]
         for w in writers.values():
             w.close()
 

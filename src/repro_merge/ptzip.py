@@ -16,11 +16,12 @@ import mmap
 import os
 import pickle
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -791,18 +792,47 @@ class StreamWriter:
             self._path.unlink(missing_ok=True)
 
 
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+def overlapped(tokens: Sequence[T], make: Callable[[T, int], D], write: Callable[[T, D], None]) -> None:
+    """``write(token, make(token, slot))`` for each token in order, each write in a background thread
+    while the next ``make`` runs, so that the disk and the CPU work at once. ``slot`` alternates 0, 1:
+    ``make`` is called with a slot only after the write of the data it made with that slot before is
+    done, so it may reuse one buffer per slot."""
+    with ThreadPoolExecutor(1, thread_name_prefix="ptzip-write") as pool:
+        pending: deque[Future[None]] = deque()
+        try:
+            for n, token in enumerate(tokens):
+                if len(pending) == 2:
+                    pending.popleft().result()
+                pending.append(pool.submit(write, token, make(token, n % 2)))
+            while pending:
+                pending.popleft().result()
+        except BaseException:
+            for f in pending:
+                f.cancel()  # leaving the pool waits for a write under way, so the caller may then abort
+            raise
+
+
 def save(
     path: str | os.PathLike[str],
     entries: Sequence[tuple[str, TensorSpec]],
-    fill: Fill,
+    fill: Fill | Callable[[object, int], np.ndarray | bytes | memoryview],
     archive: str | None = None,
+    overlap: bool = False,
 ) -> None:
     """Write a state dict with torch.save's exact bytes; ``fill(token)`` is called once per storage, in
-    record order, and returns its elements. See :class:`StreamWriter`."""
+    record order, and returns its elements. See :class:`StreamWriter`. With ``overlap``, each storage is
+    written while the next is made: ``fill(token, slot)`` then, as in :func:`overlapped`."""
     w = StreamWriter(path, entries, archive)
     try:
-        for token in w.order:
-            w.write(token, fill(token))
+        if overlap:
+            overlapped(w.order, fill, w.write)  # type: ignore[arg-type]
+        else:
+            for token in w.order:
+                w.write(token, fill(token))  # type: ignore[call-arg]
     except BaseException:
         w.abort()
         raise
