@@ -61,7 +61,7 @@ def child(op: str, layers: int, path: str = "", dst: str = "") -> None:
             (n, ptzip.TensorSpec(ptzip.DTYPES["float16"], s, i, int(np.prod(s))))
             for i, (n, s) in enumerate(items)
         ]
-        ptzip.save(path, specs, lambda i: value(i, items[i][1]))  # type: ignore[index, arg-type]
+        ptzip.save(path, specs, lambda i, slot: value(i, items[i][1]), overlap=True)  # type: ignore[index, arg-type]
     elif op == "torch-save":
         import torch
 
@@ -75,13 +75,13 @@ def child(op: str, layers: int, path: str = "", dst: str = "") -> None:
 
         d = torch.load(path)
         assert len(d) == len(items)
-    elif op == "ours-copy":  # read every tensor (CRC-checked) and write it out again, one at a time
+    elif op == "ours-copy":  # read every tensor (CRC-checked) and write it out while the next is read
         with ptzip.Checkpoint(path) as ck:
             entries = [
                 (n, ptzip.TensorSpec(m.dtype, m.shape, m.storage, m.storage_numel, m.stride, m.offset))
                 for n, m in ck.tensors.items()
             ]
-            ptzip.save(dst, entries, lambda key: ck.read_storage(key), archive=path)  # type: ignore[arg-type]
+            ptzip.save(dst, entries, lambda key, slot: ck.read_storage(key), archive=path, overlap=True)  # type: ignore[arg-type]
     else:
         raise SystemExit(f"unknown step {op}")
     if op in ("ours-write", "torch-save", "ours-copy"):
