@@ -135,8 +135,8 @@ def test_bytes_equal_torch_save(tmp_path_factory: pytest.TempPathFactory, d: dic
 
 
 def test_bytes_equal_torch_save_at_the_far_end(tmp_path: Path) -> None:
-    """What 50 random examples rarely reach: 200 keys over 120 storages (their string sort past 10 and
-    100), every dtype, views and shared storages, 300-character and non-ASCII names."""
+    """What 50 random examples rarely reach: 201 keys over 121 storages (their string sort past 10 and
+    100), every dtype, views and shared storages, 300-character and non-ASCII names, a record > 1 MB."""
     rng = np.random.default_rng(7)
     dtypes = sorted(TORCH_DTYPES)
     bases = []
@@ -150,7 +150,8 @@ def test_bytes_equal_torch_save_at_the_far_end(tmp_path: Path) -> None:
         view = b.transpose(0, 1) if b.dim() >= 2 and k % 4 == 1 else b[1:] if k % 4 == 2 and len(b) > 1 else b
         name = ("层" * (k % 7) + f"layers.{k}.w" + "x" * (300 if k % 50 == 0 else 0))[:300]
         d[name] = view
-    assert len({t.storage().data_ptr() for t in d.values()}) == 120
+    d["big"] = torch.arange(600_000, dtype=torch.float32)  # 2.4 MB: a record pushed to disk on its own
+    assert len({t.storage().data_ptr() for t in d.values()}) == 121
     (tmp_path / "torch").mkdir()
     for name in ("consolidated.00.pth", "模型.bin"):
         torch.save(d, tmp_path / "torch" / name)
