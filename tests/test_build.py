@@ -281,6 +281,22 @@ def test_one_changed_fp16_element(built: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_every_differing_file_is_named_without_a_manifest(built: Path, tmp_path: Path) -> None:
+    """A real target has no per-tensor manifest of its expected files: each differing file still gets
+    a finding, which says what could and could not be checked from the files alone."""
+    out = Path(shutil.copytree(built, tmp_path / "o"))
+    for f in sorted(out.glob("consolidated.*.pth")):  # other values, a sound container: no cause visible
+        with ptzip.Checkpoint(f) as ck:
+            items = [(k, np.array(ck.tensor(k))) for k in ck.tensors]
+        items[0][1].view(np.uint16).flat[0] += 1
+        ptzip.save_arrays(f, items)
+    code, findings = _verify(out, "13B-alpaca-plus")
+    assert code == errors.EXIT_OUTPUT_MISMATCH
+    unknown = [x for x in findings if x["category"] == "unknown"]
+    assert [x["file"] for x in unknown] == ["consolidated.00.pth", "consolidated.01.pth"]
+    assert all("only its container was checked" in x["detail"] for x in unknown)
+
+
 def test_other_arithmetic_order_is_named(family: Path, tmp_path: Path) -> None:
     """Built with the FMA order (what MKL's AVX2 and AVX-512 kernels mostly do): the gate says so. The
     diagnosis's `host` rebuild runs on MKL's generic path here, forced so on any CPU."""

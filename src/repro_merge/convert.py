@@ -337,10 +337,8 @@ def write_state_dict(path: Path, tensors: list[HFTensor]) -> None:
             )
         return a
 
-    with staged_file(path) as tmp:
-        ptzip.save(
-            tmp, entries, fill, archive=path.name, overlap=True
-        )  # each tensor written while the next is made
+    with staged_file(path) as tmp:  # each tensor is written while the next is made
+        ptzip.save(tmp, entries, fill, archive=path.name, overlap=True)
 
 
 # ------------------------------------------------------------------------------------------ config files

@@ -437,9 +437,8 @@ def write_pth(out: Path, base: Base, adapters: Sequence[Adapter], target: Target
 
         def make(pos: int, slot: int) -> list[np.ndarray]:
             j, key = plan[pos]
-            return split_for_pth(
-                hf_to_meta(key), merged(base, adapters, j, key, order, scratch[slot]), target
-            )  # type: ignore[arg-type]
+            w = merged(base, adapters, j, key, order, scratch[slot])
+            return split_for_pth(hf_to_meta(key), w, target)  # type: ignore[arg-type]
 
         def write(pos: int, pieces: list[np.ndarray]) -> None:
             for i, w in writers.items():

@@ -685,9 +685,9 @@ class _ZipWriter:
         self.pos += len(data)
 
     def _write_back(self, start: int, length: int) -> None:
-        """Start writing a finished record to disk now (POSIX_FADV_DONTNEED starts write-back of dirty
-        pages without waiting), so the disk works while the next tensor is made, not in the final fsync;
-        the pages then leave the cache instead of crowding out the input."""
+        """Start writing a finished record to disk now (POSIX_FADV_DONTNEED starts write-back of its
+        dirty pages without waiting for it), so the disk works while the next tensor is made instead
+        of in the final fsync."""
         if length < _WRITE_BACK_MIN or not hasattr(os, "posix_fadvise"):  # not on macOS
             return
         self.f.flush()

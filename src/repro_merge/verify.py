@@ -386,17 +386,15 @@ def diagnose(
     )
     if rebuild is not None and scratch is not None and numeric:
         out += order_findings(folder, [c for c in bad if c.status == "mismatch"], rebuild, scratch, orders)
+    unknown = "differs, and no cause was found"
+    if golden is None:
+        unknown += (
+            "; with no per-tensor manifest of the expected file, only its container was checked "
+            "(give the inputs to rebuild it with every arithmetic order)"
+        )
     for c in bad:  # every differing file gets a finding, also where no cause is visible from it alone
         if not any(f.file == c.file for f in out):
-            hint = (
-                ""
-                if golden is not None
-                else (
-                    "; with no per-tensor manifest of the expected file, only its container was checked "
-                    "(give the inputs to rebuild it with every arithmetic order)"
-                )
-            )
-            out.append(Finding("unknown", c.file, "differs, and no cause was found" + hint))
+            out.append(Finding("unknown", c.file, unknown))
     return out
 
 
