@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import sha256_file
 
-from repro_merge import checksums, errors, ptzip
+from repro_merge import checksums, errors, ptzip, verify
 from repro_merge.build import InputMismatch, build, verify_folder
 
 ROOT = Path(__file__).parent.parent
@@ -283,18 +283,28 @@ def test_one_changed_fp16_element(built: Path, tmp_path: Path) -> None:
 
 def test_every_differing_file_is_named_without_a_manifest(built: Path, tmp_path: Path) -> None:
     """A real target has no per-tensor manifest of its expected files: each differing file still gets
-    a finding, which says what could and could not be checked from the files alone."""
+    findings, from the files alone. Checked against 13B-alpaca-plus, the tiny shards have the wrong
+    vocabulary; with no vocabulary to check, the finding says what could not be checked."""
     out = Path(shutil.copytree(built, tmp_path / "o"))
-    for f in sorted(out.glob("consolidated.*.pth")):  # other values, a sound container: no cause visible
+    for f in sorted(out.glob("consolidated.*.pth")):  # other values in a sound container
         with ptzip.Checkpoint(f) as ck:
             items = [(k, np.array(ck.tensor(k))) for k in ck.tensors]
         items[0][1].view(np.uint16).flat[0] += 1
         ptzip.save_arrays(f, items)
     code, findings = _verify(out, "13B-alpaca-plus")
     assert code == errors.EXIT_OUTPUT_MISMATCH
-    unknown = [x for x in findings if x["category"] == "unknown"]
-    assert [x["file"] for x in unknown] == ["consolidated.00.pth", "consolidated.01.pth"]
-    assert all("only its container was checked" in x["detail"] for x in unknown)
+    structure = [x for x in findings if x["category"] == "structure"]
+    assert [x["file"] for x in structure] == ["consolidated.00.pth", "consolidated.01.pth"]
+    assert all("362 vocabulary rows instead of 49954" in x["detail"] for x in structure)
+
+    table = checksums.load()
+    checks = verify.check_files(out, table.expected("merged-pth", "13B-alpaca-plus"))
+    unknown = verify.diagnose(out, checks, table, golden=None, vocab=None)
+    assert [(f.category, f.file) for f in unknown] == [
+        ("unknown", "consolidated.00.pth"),
+        ("unknown", "consolidated.01.pth"),
+    ]
+    assert all("only its container was checked" in f.detail for f in unknown)
 
 
 def test_other_arithmetic_order_is_named(family: Path, tmp_path: Path) -> None:

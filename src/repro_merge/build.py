@@ -31,7 +31,7 @@ from repro_merge.errors import (
 )
 from repro_merge.fixtures import ADAPTERS
 from repro_merge.outputs import write_bytes
-from repro_merge.sizes import BUILD_SIZES, VARIANT_ADAPTERS, BuildSize
+from repro_merge.sizes import BUILD_SIZES, RELEASED_VOCAB, VARIANT_ADAPTERS, BuildSize
 from repro_merge.verify import (
     MANIFEST,
     PROVENANCE,
@@ -402,14 +402,14 @@ def diagnose_outputs(
 
     golden = golden_manifest(t, output_type)
     if not (rebuild_orders and base and adapters):
-        return diagnose(folder, checks, table, golden)
+        return diagnose(folder, checks, table, golden, vocab=expected_vocab(t))
     with tempfile.TemporaryDirectory(prefix="repro-merge-diagnose-") as scratch:
 
         def rebuild(order: str, dest: Path) -> Path:
             merge(base, adapters, output_type, dest, t.size.num_shards, order)
             return dest
 
-        return diagnose(folder, checks, table, golden, rebuild, Path(scratch))
+        return diagnose(folder, checks, table, golden, rebuild, Path(scratch), vocab=expected_vocab(t))
 
 
 def verify_folder(
@@ -446,6 +446,11 @@ def verify_folder(
                 t, folder, checks, table, output_type, base, adapters, base is not None
             )
     return Result(t.name, folder, verdict, code, checks, findings, [])
+
+
+def expected_vocab(t: Target) -> int | None:
+    """A real target's vocabulary (tiny targets have golden manifests, which say more)."""
+    return None if t.tiny else RELEASED_VOCAB[t.model]
 
 
 def golden_manifest(t: Target, output_type: str) -> dict | None:

@@ -102,6 +102,17 @@ VARIANT_ADAPTERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Vocabulary of the released models (their tokenizers' lengths): Chinese LLaMA extends LLaMA's 32000
+# pieces to 49953, Alpaca adds a pad token. A merged model has the vocabulary of its last adapter.
+RELEASED_VOCAB: dict[str, int] = {
+    "llama": 49953,
+    "llama-plus": 49953,
+    "alpaca": 49954,
+    "alpaca-plus": 49954,
+    "alpaca-pro": 49954,
+}
+
+
 @dataclass(frozen=True)
 class BuildSize:
     """A size ``repro-merge build`` knows: where its inputs live and how its HF base is sharded."""

@@ -274,6 +274,31 @@ def container_findings(path: Path, expected_tensors: list[dict] | None) -> list[
     return out
 
 
+# Embedding tensors whose first axis is the whole vocabulary in every file that holds them (pth shards
+# split tok_embeddings along its width, output.weight along the vocabulary: that one is left out).
+_VOCAB_ROWS = ("tok_embeddings.weight", "model.embed_tokens.weight", "lm_head.weight")
+
+
+def vocab_findings(path: Path, vocab: int) -> list[Finding]:
+    """Without a manifest of the expected file: do its embeddings have the target's vocabulary? Read
+    from the tensors' metadata alone."""
+    try:
+        with ptzip.Checkpoint(path, verify_crc=False) as ck:
+            shapes = {n: list(ck.tensors[n].shape) for n in _VOCAB_ROWS if n in ck.tensors}
+    except ptzip.CheckpointError:
+        return []  # container_findings names an unreadable file
+    return [
+        Finding(
+            "structure",
+            path.name,
+            f"{n} is {shape}" + _shape_hint(n, shape, [vocab, *shape[1:]]),
+            {"tensor": n, "rows": shape[0], "expected_rows": vocab},
+        )
+        for n, shape in shapes.items()
+        if shape[0] != vocab
+    ]
+
+
 def _shape_hint(name: str, got: list[int], want: list[int]) -> str:
     if ("embed" in name or "output" in name or "lm_head" in name) and got[1:] == want[1:]:
         return (
@@ -357,8 +382,10 @@ def diagnose(
     rebuild: Rebuild | None = None,
     scratch: Path | None = None,
     orders: tuple[str, ...] = ("seq", "fma", "host"),
+    vocab: int | None = None,
 ) -> list[Finding]:
-    """Every finding for the files that failed the gate."""
+    """Every finding for the files that failed the gate (``vocab``: the target's vocabulary, checked
+    where no manifest of the expected files is at hand)."""
     bad = [c for c in checks if c.status in ("mismatch", "missing")]
     out: list[Finding] = []
     for c in bad:
@@ -381,6 +408,8 @@ def diagnose(
             if golden is not None:
                 expected_tensors = golden["files"].get(c.file, {}).get("tensors")  # type: ignore[union-attr]
             out += container_findings(folder / c.file, expected_tensors)
+            if expected_tensors is None and vocab is not None:
+                out += vocab_findings(folder / c.file, vocab)
     numeric = any(f.category == "numeric" for f in out) or (
         golden is None and any(is_checkpoint(c.file) for c in bad)
     )
