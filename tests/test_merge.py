@@ -103,7 +103,6 @@ def _cli(
     tiny: Path, bases: dict, out: Path, variant: str, kind: str, order: str, env: dict[str, str]
 ) -> Path:
     """A merge in a fresh process, so MKL reads its environment at start-up."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MKL_", "OMP_", "REPRO_MERGE_"))}
     r = subprocess.run(
         [
             sys.executable,
@@ -123,12 +122,17 @@ def _cli(
             "--order",
             order,
         ],
-        env={**clean, **env},
+        env={**_unsteered(), **env},
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr
     return out
+
+
+def _unsteered() -> dict[str, str]:
+    """This process's environment without the variables that steer MKL/OpenMP or repro-merge's threads."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MKL_", "OMP_", "REPRO_MERGE_"))}
 
 
 MKL5 = {"MKL_DEBUG_CPU_TYPE": "5"}  # MKL 2020's AVX2 kernels, on any x86-64 CPU with AVX2
@@ -203,10 +207,9 @@ def _script_arithmetic(tmp_path: Path, env: dict[str, str], *arrays: np.ndarray)
     paths = [tmp_path / f"{n}.npy" for n in ("w", "b", "a", "s", "prod", "merged")]
     for p, x in zip(paths, arrays, strict=False):
         np.save(p, x)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MKL_", "OMP_"))}
     r = subprocess.run(
         [sys.executable, "-c", _SCRIPT_ARITHMETIC, *map(str, paths)],
-        env={**clean, **env},
+        env={**_unsteered(), **env},
         capture_output=True,
         text=True,
     )
@@ -353,11 +356,17 @@ def test_hub_ids_from_the_local_cache(tiny: Path, bases: dict, tmp_path: Path) -
 
 
 def _refused(
-    tmp_path: Path, base: Path, adapters: list[str], match: str, kind: str = "pth", exc: type = BadInputError
+    tmp_path: Path,
+    base: Path,
+    adapters: list[str],
+    match: str,
+    kind: str = "pth",
+    exc: type = BadInputError,
+    num_shards: int = 2,
 ) -> str:
     out = tmp_path / "refused"
     with pytest.raises(exc, match=match) as e:
-        merge(str(base), adapters, kind, out, num_shards=2)
+        merge(str(base), adapters, kind, out, num_shards=num_shards)
     assert "\n" not in str(e.value)
     assert not out.exists() or not any(out.iterdir()), "nothing may be written before the checks pass"
     return str(e.value)
@@ -420,10 +429,8 @@ def test_missing_adapter_config_field(tiny: Path, bases: dict, tmp_path: Path) -
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_num_shards_below_one(tiny: Path, bases: dict, tmp_path: Path, n: int) -> None:
-    out = tmp_path / "refused"
-    with pytest.raises(BadInputError, match=f"--num_shards {n}: the number of pth files must be 1 or more"):
-        merge(str(bases["13B", "normal"]), loras(tiny, "13B", "llama"), "pth", out, num_shards=n)
-    assert not out.exists() or not any(out.iterdir())
+    match = f"--num_shards {n}: the number of pth files must be 1 or more"
+    _refused(tmp_path, bases["13B", "normal"], loras(tiny, "13B", "llama"), match, num_shards=n)
 
 
 def test_no_base_shards(tiny: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from repro_merge.errors import (
 )
 from repro_merge.fixtures import ADAPTERS
 from repro_merge.outputs import write_bytes
-from repro_merge.sizes import BUILD_SIZES, RELEASED_VOCAB, VARIANT_ADAPTERS, BuildSize
+from repro_merge.sizes import BUILD_SIZES, RELEASED_VOCAB, VARIANT_ADAPTERS, BuildSize, tokenizer_family
 from repro_merge.verify import (
     MANIFEST,
     PROVENANCE,
@@ -136,7 +136,9 @@ def embedded_fixtures(work: Path) -> Path:
 
 
 def _check(path: Path, role: str, want: str | None, known: dict[Path, str]) -> dict[str, object]:
-    """One input's hash against the table (``file`` is how it is named in provenance: folder/name)."""
+    """One input's hash against the table (``file`` is how it is named in provenance: folder/name); a
+    tokenizer.model is named as a tokenizer, whichever folder it is in."""
+    role = "tokenizer" if path.name == "tokenizer.model" else role
     if not path.is_file():
         raise BadInputError(f"{path}: missing ({role})")
     found = known.setdefault(path, sha256_file(path))
@@ -181,9 +183,7 @@ def gather_inputs(
                 f"no original LLaMA folder: give --llama DIR or set {ENV_LLAMA} (or --hf-base)"
             )
         for path, h in originals.items():
-            inputs.checks.append(
-                _check(path, "tokenizer" if path.name == "tokenizer.model" else "original", h, known)
-            )
+            inputs.checks.append(_check(path, "original", h, known))
     else:
         for f, h in table.expected("hf-base", "tiny" if t.tiny else t.size.name).items():
             if f.startswith("pytorch_model"):
@@ -200,14 +200,12 @@ def gather_inputs(
                 rel.split("/", 2)[2]: h for rel, h in fixtures.items() if rel.startswith(f"lora/{name}/")
             }
         else:  # what the publisher lists: the weights and the tokenizer
-            family = "alpaca" if "alpaca" in name else "llama"
             files = {
                 "adapter_model.bin": table.expected("adapter", name).get("adapter_model.bin"),
-                "tokenizer.model": table.expected("tokenizer", family).get("tokenizer.model"),
+                "tokenizer.model": table.expected("tokenizer", tokenizer_family(name)).get("tokenizer.model"),
             }
         for f, h in files.items():
-            role = "tokenizer" if f == "tokenizer.model" else "adapter"
-            inputs.checks.append(_check(folder / f, role, h, known))
+            inputs.checks.append(_check(folder / f, "adapter", h, known))
     bad = [c for c in inputs.checks if c["status"] == "mismatch"]
     if bad:
         lines = [
@@ -400,16 +398,16 @@ def diagnose_outputs(
     """The gate's findings; with the inputs at hand, also which arithmetic order gives which bytes."""
     from repro_merge.merge import merge
 
-    golden = golden_manifest(t, output_type)
+    golden, vocab = golden_manifest(t, output_type), expected_vocab(t)
     if not (rebuild_orders and base and adapters):
-        return diagnose(folder, checks, table, golden, vocab=expected_vocab(t))
+        return diagnose(folder, checks, table, golden, vocab=vocab)
     with tempfile.TemporaryDirectory(prefix="repro-merge-diagnose-") as scratch:
 
         def rebuild(order: str, dest: Path) -> Path:
             merge(base, adapters, output_type, dest, t.size.num_shards, order)
             return dest
 
-        return diagnose(folder, checks, table, golden, rebuild, Path(scratch), vocab=expected_vocab(t))
+        return diagnose(folder, checks, table, golden, rebuild, Path(scratch), vocab=vocab)
 
 
 def verify_folder(
@@ -450,7 +448,7 @@ def verify_folder(
 
 def expected_vocab(t: Target) -> int | None:
     """A real target's vocabulary (tiny targets have golden manifests, which say more)."""
-    return None if t.tiny else RELEASED_VOCAB[t.model]
+    return None if t.tiny else RELEASED_VOCAB[tokenizer_family(t.model)]
 
 
 def golden_manifest(t: Target, output_type: str) -> dict | None:

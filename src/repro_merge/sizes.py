@@ -102,15 +102,14 @@ VARIANT_ADAPTERS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Vocabulary of the released models (their tokenizers' lengths): Chinese LLaMA extends LLaMA's 32000
-# pieces to 49953, Alpaca adds a pad token. A merged model has the vocabulary of its last adapter.
-RELEASED_VOCAB: dict[str, int] = {
-    "llama": 49953,
-    "llama-plus": 49953,
-    "alpaca": 49954,
-    "alpaca-plus": 49954,
-    "alpaca-pro": 49954,
-}
+# The released tokenizers' lengths, by family: Chinese LLaMA extends LLaMA's 32000 pieces to 49953,
+# Alpaca adds a pad token. A merged model has the vocabulary of its last adapter's tokenizer.
+RELEASED_VOCAB: dict[str, int] = {"llama": 49953, "alpaca": 49954}
+
+
+def tokenizer_family(adapter: str) -> str:
+    """Which released tokenizer an adapter (variant or folder name) ships: llama or alpaca."""
+    return "alpaca" if "alpaca" in adapter else "llama"
 
 
 @dataclass(frozen=True)
